@@ -1,0 +1,5 @@
+import sys
+
+from rcdm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,54 @@
+"""Command line entry point: ``rcdm <stage> [options]``.
+
+Each stage lives in its own module, which exposes ``add_arguments(parser)`` and ``run(args) -> int | None``.
+Modules are imported lazily so ``rcdm --help`` stays fast and a stage's heavy imports cost only that stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# stage name -> (module, one-line help)
+STAGES: dict[str, tuple[str, str]] = {
+    "fetch": ("rcdm.weights", "download missing weight files (encoders, RCDM checkpoints, Inception)"),
+    "pretrain": ("rcdm.pretrain", "train a small self-supervised encoder (demo / own domain)"),
+    "extract": ("rcdm.extract", "decode, crop and encode a dataset into HDF5 (sharded)"),
+    "merge-extract": ("rcdm.extract_merge", "merge extraction shards into one HDF5 file"),
+    "train": ("rcdm.train", "train the representation-conditioned diffusion model"),
+    "sample": ("rcdm.sample", "generate samples conditioned on representations (sharded)"),
+    "merge-samples": ("rcdm.sample_merge", "merge sample shards into samples.npz and PNG grids"),
+    "evaluate": ("rcdm.evaluate", "FID, IS, FD_rep, rank and MRR of a sample set"),
+    "tabulate": ("rcdm.tabulate", "merge metrics.csv files into result tables"),
+    "study": ("rcdm.studies", "run one of the paper's studies (ood, trunk-head, augment, adversarial, ...)"),
+    "bench": ("rcdm.bench", "measure throughput and memory of each stage"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rcdm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", metavar="<stage>")
+    for name, (_, help_text) in STAGES.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
+        parser = build_parser()
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.error(f"unknown stage {argv[0]!r}; choose from {', '.join(STAGES)}")
+        parser.print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(STAGES[name][0])
+    parser = argparse.ArgumentParser(prog=f"rcdm {name}", description=STAGES[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Small file helpers shared by every stage: atomic writes, hashing, safe ``torch.load``."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    A killed or failing writer therefore never leaves a file under the final name that looks complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint needs arbitrary code to be unpickled and was not explicitly trusted."""
+
+
+def safe_torch_load(path: str | os.PathLike, trust: bool = False, map_location: str = "cpu"):
+    """``torch.load`` with ``weights_only=True``; code-needing files refused unless ``trust``.
+
+    Missing files raise ``FileNotFoundError`` naming the path.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not trust:
+            raise UnsafeCheckpointError(
+                f"{path} cannot be loaded with torch.load(weights_only=True): it needs to unpickle code "
+                f"({str(err).splitlines()[0]}). Only if you trust its source, opt in explicitly: pass "
+                "trust=True (Python) / --trust-checkpoint (CLI) / `trust_checkpoints: true` (config)."
+            ) from err
+        return torch.load(path, map_location=map_location, weights_only=False)
