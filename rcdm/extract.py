@@ -1,0 +1,562 @@
+"""Stage ``rcdm extract``: decode each image once, write its centre crop and its encoder features to HDF5.
+
+One pass over a dataset slice produces any of: the images file (crops at the model resolution, labels,
+paths, factors) and one features file per encoder layer (trunk and head from one trunk pass). DataLoader
+workers decode and crop; the encoder runs batched under ``inference_mode`` (bf16 autocast on CUDA) on the
+image and its mirror; rows are appended in chunks, so memory does not grow with the dataset. Each output is
+written under a temporary name and renamed when complete; a finished output is never redone (a rerun is a
+no-op) and one made with other settings is an error rather than silently kept or overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from rcdm import h5schema as hs
+from rcdm.data import BAD_IMAGE_POLICIES, BadImageError, ImageSource, open_dataset
+from rcdm.io import atomic_path, sha256_file
+from rcdm.preprocess import CROP_METHOD, center_crop_arr, encoder_input
+
+log = logging.getLogger(__name__)
+
+#: attributes that identify what a file was made from; they must match for a rerun to count as done
+IDENTITY_KEYS = (
+    "kind", "dataset", "split", "selection_seed", "num_images_requested", "source_size",
+    "shard", "num_shards", "shard_start", "shard_stop", "image_size",
+    "encoder", "layer", "checkpoint_sha256", "dtype",
+)  # fmt: skip
+
+
+@dataclass
+class Output:
+    """One file to produce: its kind, its (part) path, the layer for features, and its identity attributes."""
+
+    kind: str
+    path: Path
+    attrs: dict[str, Any]
+    layer: str | None = None
+
+
+@dataclass
+class ExtractJob:
+    """What to extract: a dataset slice and the outputs wanted (final paths; part names derive from them)."""
+
+    source: ImageSource
+    dataset: str
+    split: str
+    image_size: int | None = None
+    images_out: Path | None = None
+    features_out: dict[str, Path] = field(default_factory=dict)
+    encoder_name: str = ""
+    checkpoint_sha256: str = ""
+    dtype: str = "float32"
+    shard: int = 0
+    num_shards: int = 1
+    selection_seed: int = 0
+    num_images_requested: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.images_out is None and not self.features_out:
+            raise ValueError("nothing to extract: give an images output and/or features outputs")
+        if self.images_out is not None and not self.image_size:
+            raise ValueError("an images output needs image_size")
+        if self.features_out and not self.encoder_name:
+            raise ValueError("features outputs need an encoder")
+        if self.dtype not in hs.FEATURE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(hs.FEATURE_DTYPES)}, got {self.dtype!r}")
+        unknown = set(self.features_out) - {"trunk", "head"}
+        if unknown:
+            raise ValueError(f"unknown feature layers {sorted(unknown)}; choose trunk and/or head")
+        self.start, self.stop = hs.shard_range(len(self.source), self.shard, self.num_shards)
+
+    def _path(self, final: Path) -> Path:
+        return Path(final) if self.num_shards == 1 else hs.part_path(final, self.shard, self.num_shards)
+
+    def outputs(self) -> list[Output]:
+        common = {
+            "format_version": hs.FORMAT_VERSION,
+            "dataset": self.dataset,
+            "split": self.split,
+            "selection_seed": self.selection_seed,
+            "num_images_requested": -1 if self.num_images_requested is None else self.num_images_requested,
+            "source_size": len(self.source),
+            "shard": self.shard,
+            "num_shards": self.num_shards,
+            "shard_start": self.start,
+            "shard_stop": self.stop,
+            "crop_method": CROP_METHOD,
+            **self.source.attrs(),
+        }
+        outs = []
+        if self.images_out is not None:
+            attrs = {"kind": hs.KIND_IMAGES, **common, "image_size": self.image_size}
+            outs.append(Output(hs.KIND_IMAGES, self._path(self.images_out), attrs))
+        for layer, path in sorted(self.features_out.items(), reverse=True):  # trunk before head
+            attrs = {
+                "kind": hs.KIND_FEATURES,
+                **common,
+                "encoder": self.encoder_name,
+                "layer": layer,
+                "checkpoint_sha256": self.checkpoint_sha256,
+                "dtype": self.dtype,
+                "images_file": "" if self.images_out is None else str(self.images_out),
+            }
+            outs.append(Output(hs.KIND_FEATURES, self._path(path), attrs, layer))
+        return outs
+
+
+def pending_outputs(job: ExtractJob) -> list[Output]:
+    """The outputs of ``job`` still to write; finished ones with matching settings are skipped (logged).
+
+    An existing file made with other settings, or a broken one, raises ``FileExistsError`` naming the
+    differences: delete it (or pick another name) to redo it.
+    """
+    todo = []
+    for out in job.outputs():
+        if not out.path.exists():
+            todo.append(out)
+            continue
+        try:
+            found = hs.check_file(out.path, deep=False)
+        except (hs.H5SchemaError, OSError) as err:
+            raise FileExistsError(
+                f"{out.path} exists but is not a valid {out.kind} file ({err}); delete it"
+            ) from err
+        diff = {
+            k: (found.get(k), v) for k, v in out.attrs.items() if k in IDENTITY_KEYS and found.get(k) != v
+        }
+        if diff:
+            details = ", ".join(f"{k}: file {a!r} vs requested {b!r}" for k, (a, b) in sorted(diff.items()))
+            raise FileExistsError(f"{out.path} exists with other settings ({details}); delete it to redo it")
+        log.info("%s is already complete (%d images): nothing to do for it", out.path, found["num_images"])
+    return todo
+
+
+# --------------------------------------------------------------------------------------- data loading
+
+
+class _CropDataset(torch.utils.data.Dataset):
+    """Decodes image ``start + j`` once and returns its crops (model size and/or encoder size)."""
+
+    def __init__(
+        self, source: ImageSource, start: int, stop: int, image_size: int | None, enc_size: int | None
+    ):
+        self.source, self.start, self.stop = source, start, stop
+        self.image_size, self.enc_size = image_size, enc_size
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, j: int) -> dict[str, Any]:
+        i = self.start + j
+        item: dict[str, Any] = {"key": self.source.key(i)}
+        try:
+            image = self.source.load(i)
+        except BadImageError as err:
+            item["error"] = str(err)
+            return item
+        item["label"] = self.source.label(i)
+        item["factors"] = self.source.factors(i)
+        if self.image_size:
+            item["image"] = np.ascontiguousarray(center_crop_arr(image, self.image_size))
+        if self.enc_size:
+            item["enc"] = np.ascontiguousarray(center_crop_arr(image, self.enc_size))
+        return item
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    good = [it for it in items if "error" not in it]
+    batch: dict[str, Any] = {
+        "bad": [(it["key"], it["error"]) for it in items if "error" in it],
+        "n_items": len(items),
+        "keys": [it["key"] for it in good],
+        "labels": np.array([it["label"] for it in good], dtype=np.int64),
+        "factors": {
+            k: np.array([it["factors"][k] for it in good]) for k in (good[0]["factors"] if good else {})
+        },
+    }
+    for name in ("image", "enc"):
+        if good and name in good[0]:
+            batch[name] = torch.from_numpy(np.stack([it[name] for it in good]))
+    return batch
+
+
+# --------------------------------------------------------------------------------------- the extraction
+
+
+@dataclass
+class ExtractSummary:
+    """Counts of one run: images written per output, bad files (``path: reason``), outputs, timing."""
+
+    num_images: int = 0
+    bad: list[str] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _encoder_dims(encoder: nn.Module) -> dict[str, int]:
+    """Layer -> dim of an ``rcdm.encoders`` module: one layer (``layer``, ``dim``) or a pair (``dims``)."""
+    if hasattr(encoder, "dims"):
+        return {k: int(v) for k, v in encoder.dims.items()}
+    return {encoder.layer: int(encoder.dim)}
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available")
+    return dev
+
+
+class _FeatureSink:
+    """Encodes a batch on the device and writes the previous batch's features meanwhile (one batch lag)."""
+
+    def __init__(self, encoder, writers, layers, dtype, device, autocast):
+        self.encoder, self.writers, self.layers = encoder, writers, layers
+        self.dtype = getattr(torch, dtype)
+        self.device, self.autocast = device, autocast and device.type == "cuda"
+        self.input_norm = encoder.input_norm
+        self.pending: tuple[dict[str, torch.Tensor], list[str], torch.cuda.Event | None] | None = None
+
+    @torch.inference_mode()
+    def submit(self, enc: torch.Tensor, keys: list[str]) -> None:
+        x = encoder_input(enc.to(self.device, non_blocking=True), self.input_norm)
+        n = x.shape[0]
+        x = torch.cat([x, x.flip(-1)])
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.encoder(x)
+        out = out if isinstance(out, Mapping) else {self.encoder.layer: out}
+        host = {}
+        for layer in self.layers:
+            f = out[layer].float().reshape(2, n, -1).transpose(0, 1).to(self.dtype)
+            host[layer] = f.to("cpu", non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self.flush()
+        self.pending = (host, keys, event)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        host, keys, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        for layer in self.layers:
+            feats = host[layer].numpy()
+            if not np.isfinite(feats).all():
+                raise FloatingPointError(
+                    f"encoder produced NaN/inf {layer} features for images {keys[0]} .. {keys[-1]}"
+                    + (" (float16 overflow? try --dtype float32)" if self.dtype == torch.float16 else "")
+                )
+            self.writers[layer].append({hs.FEATURES: feats, hs.PATHS: keys})
+
+
+def run_extraction(
+    job: ExtractJob,
+    encoder_factory: Callable[[list[str]], nn.Module] | None = None,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    device: str = "auto",
+    on_bad_image: str = "skip",
+    autocast: bool = True,
+    progress: bool = True,
+) -> ExtractSummary:
+    """Produce the pending outputs of ``job`` in one pass over its slice; return what happened.
+
+    ``encoder_factory(layers)`` is called only when features are pending and returns an ``rcdm.encoders``
+    module: ``load(...)`` for one layer, ``load_pair(...)`` for ``["trunk", "head"]``.
+    """
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
+    summary = ExtractSummary()
+    todo = pending_outputs(job)
+    summary.skipped = [o.path for o in job.outputs() if o not in todo]
+    if not todo:
+        log.info(
+            "extract %s/%s shard %d/%d: every output is already complete",
+            job.dataset,
+            job.split,
+            job.shard,
+            job.num_shards,
+        )
+        return summary
+    t0 = time.perf_counter()
+    dev = _resolve_device(device)
+    images_out = next((o for o in todo if o.kind == hs.KIND_IMAGES), None)
+    feature_outs = {o.layer: o for o in todo if o.kind == hs.KIND_FEATURES}
+    encoder = None
+    if feature_outs:
+        if encoder_factory is None:
+            raise ValueError("features are pending but no encoder was given")
+        encoder = encoder_factory(sorted(feature_outs, reverse=True)).to(dev).eval()
+        if dev.type == "cuda":
+            encoder = encoder.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        dims = _encoder_dims(encoder)
+        missing = set(feature_outs) - set(dims)
+        if missing:
+            raise ValueError(f"encoder provides layers {sorted(dims)}, not {sorted(missing)}")
+
+    dataset = _CropDataset(
+        job.source,
+        job.start,
+        job.stop,
+        job.image_size if images_out else None,
+        int(encoder.input_size) if encoder is not None else None,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=dev.type == "cuda",
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    digest = hs.PathsDigest()
+    with contextlib.ExitStack() as stack:
+        files: dict[Path, h5py.File] = {}
+        for out in todo:
+            tmp = stack.enter_context(atomic_path(out.path, suffix=".h5.tmp"))
+            files[out.path] = stack.enter_context(h5py.File(hs.shareable(tmp), "w"))
+        img_writer = None
+        if images_out is not None:
+            s = job.image_size
+            specs: dict[str, tuple] = {
+                hs.IMAGES: ((s, s, 3), np.uint8),
+                hs.LABELS: ((), np.int64),
+                hs.PATHS: ((), hs.STR),
+            }
+            specs |= {
+                f"{hs.FACTORS}/{k}": ((), np.dtype(dt)) for k, (dt, _) in job.source.factor_specs.items()
+            }
+            img_writer = hs.ChunkedWriter(files[images_out.path], specs)
+            for k, (_, categories) in job.source.factor_specs.items():
+                if categories is not None:
+                    img_writer.datasets[f"{hs.FACTORS}/{k}"].attrs[hs.CATEGORIES] = np.array(
+                        categories, dtype=hs.STR
+                    )
+        sink = None
+        if encoder is not None:
+            writers = {
+                layer: hs.ChunkedWriter(
+                    files[o.path],
+                    {hs.FEATURES: ((2, dims[layer]), hs.FEATURE_DTYPES[job.dtype]), hs.PATHS: ((), hs.STR)},
+                )
+                for layer, o in feature_outs.items()
+            }
+            sink = _FeatureSink(encoder, writers, list(feature_outs), job.dtype, dev, autocast)
+
+        bar = tqdm(
+            total=job.stop - job.start,
+            unit="img",
+            desc=f"extract {job.dataset}/{job.split}",
+            file=sys.stderr,
+            disable=not progress,
+            smoothing=0.1,
+        )
+        with bar:
+            for batch in loader:
+                for key, reason in batch["bad"]:
+                    if on_bad_image == "error":
+                        raise BadImageError(f"{reason} (on_bad_image=error; use 'skip' to skip such files)")
+                    summary.bad.append(reason if reason.startswith(key) else f"{key}: {reason}")
+                    log.warning("skipping bad image %s", reason)
+                keys = batch["keys"]
+                if keys:
+                    digest.update(keys)
+                    if sink is not None:
+                        sink.submit(batch["enc"], keys)
+                    if img_writer is not None:
+                        arrays = {
+                            hs.IMAGES: batch["image"].numpy(),
+                            hs.LABELS: batch["labels"],
+                            hs.PATHS: keys,
+                        }
+                        arrays |= {f"{hs.FACTORS}/{k}": v for k, v in batch["factors"].items()}
+                        img_writer.append(arrays)
+                    summary.num_images += len(keys)
+                bar.update(batch["n_items"])
+            if sink is not None:
+                sink.flush()
+
+        paths_sha = digest.hexdigest()
+        _check_against_images(job, feature_outs, images_out, paths_sha, summary.num_images)
+        for out in todo:
+            h5 = files[out.path]
+            attrs = dict(out.attrs)
+            if out.kind == hs.KIND_FEATURES:
+                attrs |= {
+                    "input_norm": encoder.input_norm,
+                    "input_size": int(encoder.input_size),
+                    "dim": dims[out.layer],
+                }
+            hs.write_strings(h5, hs.BAD_PATHS, summary.bad)
+            hs.set_attrs(
+                h5,
+                attrs
+                | {"num_images": summary.num_images, "paths_sha256": paths_sha, "num_bad": len(summary.bad)},
+            )
+            h5.attrs["complete"] = True
+    summary.written = [o.path for o in todo]
+    summary.seconds = time.perf_counter() - t0
+    _log_summary(job, summary)
+    return summary
+
+
+def _check_against_images(job, feature_outs, images_out, paths_sha: str, n: int) -> None:
+    """Features added to an images file made earlier must cover exactly its images (checked pre-rename)."""
+    if not feature_outs or images_out is not None or job.images_out is None:
+        return
+    images_path = job._path(job.images_out)
+    if not images_path.exists():
+        return
+    found = hs.check_images_file(images_path, deep=False)
+    if found["paths_sha256"] != paths_sha or found["num_images"] != n:
+        raise hs.H5SchemaError(
+            f"the images in {images_path} ({found['num_images']}) differ from those decoded now ({n}): "
+            "the dataset changed since it was written; delete it and extract both again"
+        )
+
+
+def _log_summary(job: ExtractJob, summary: ExtractSummary) -> None:
+    rate = summary.num_images / max(summary.seconds, 1e-9)
+    shown = summary.bad[:50]
+    more = (
+        f" (+{len(summary.bad) - 50} more, all listed in the files' {hs.BAD_PATHS})"
+        if len(summary.bad) > 50
+        else ""
+    )
+    log.info(
+        "extract %s/%s [%d, %d): %d images, %d bad files skipped%s; %.1f s, %.1f img/s; wrote %s",
+        job.dataset, job.split, job.start, job.stop, summary.num_images, len(summary.bad),
+        (": " + "; ".join(shown) + more) if shown else "", summary.seconds, rate,
+        ", ".join(map(str, summary.written)),
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def _parse_features_out(items: Sequence[str] | None, layers: Sequence[str] | None) -> dict[str, Path]:
+    """``LAYER=PATH`` items (a bare PATH is allowed when exactly one layer is requested)."""
+    out: dict[str, Path] = {}
+    for item in items or []:
+        layer, sep, path = item.partition("=")
+        if not sep:
+            if not layers or len(layers) != 1:
+                raise ValueError(f"--features-out {item!r}: use LAYER=PATH (e.g. trunk={item})")
+            layer, path = layers[0], item
+        if layer in out:
+            raise ValueError(f"--features-out names layer {layer!r} twice")
+        out[layer] = Path(path)
+    if layers and set(layers) != set(out):
+        raise ValueError(f"--layers {sorted(layers)} but --features-out gives {sorted(out)}")
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "Writes an images file (uint8 crops, labels, paths, shapes factors) and/or one features file per "
+        "encoder layer ([N, 2, D]: image and mirror). With --num-shards k, each output X.h5 becomes "
+        "X.part-000i-of-000k.h5; join them with `rcdm merge-extract`. Finished outputs are skipped on rerun."
+    )
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", required=True, help="shapes | photos | PATH of an image folder")
+    g.add_argument(
+        "--split", default="train", help="split name (generates it for shapes; recorded otherwise)"
+    )
+    g.add_argument("--num-images", type=int, help="shapes: split size; others: a seeded random subset")
+    g.add_argument("--seed", type=int, default=0, help="shapes generation seed / subset seed")
+    g.add_argument("--native-size", type=int, default=64, help="shapes: rendering resolution")
+    g.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES, default="skip")
+    o = parser.add_argument_group("outputs")
+    o.add_argument("--image-size", type=int, help="model resolution S of the stored crops")
+    o.add_argument(
+        "--images-out", type=Path, help="images file (also recorded by, and checked against, features)"
+    )
+    o.add_argument(
+        "--encoder", help="dino | simclr | barlow | vicreg | supervised | small | package.module:factory"
+    )
+    o.add_argument("--checkpoint", type=Path, help="the encoder's weight file")
+    o.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that unpickle code")
+    o.add_argument(
+        "--layers", nargs="+", choices=("trunk", "head"), help="default: the layers of --features-out"
+    )
+    o.add_argument("--features-out", nargs="+", metavar="LAYER=PATH", help="e.g. trunk=T.h5 head=H.h5")
+    o.add_argument("--dtype", choices=sorted(hs.FEATURE_DTYPES), default="float32")
+    r = parser.add_argument_group("run")
+    r.add_argument("--shard", type=int, default=0)
+    r.add_argument("--num-shards", type=int, default=1)
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--workers", type=int, default=4, help="DataLoader processes decoding and cropping")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    r.add_argument(
+        "--no-autocast", action="store_true", help="run the encoder in fp32 on CUDA (default bf16)"
+    )
+    r.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    features_out = _parse_features_out(args.features_out, args.layers)
+    if features_out and not args.encoder:
+        raise SystemExit("--features-out needs --encoder (and usually --checkpoint)")
+    source = open_dataset(args.dataset, args.split, args.num_images, args.seed, args.native_size)
+    sha = sha256_file(args.checkpoint) if features_out and args.checkpoint is not None else ""
+    job = ExtractJob(
+        source=source,
+        dataset=args.dataset,
+        split=args.split,
+        image_size=args.image_size,
+        images_out=args.images_out,
+        features_out=features_out,
+        encoder_name=args.encoder or "",
+        checkpoint_sha256=sha,
+        dtype=args.dtype,
+        shard=args.shard,
+        num_shards=args.num_shards,
+        selection_seed=args.seed,
+        num_images_requested=args.num_images,
+    )
+
+    def factory(layers: list[str]) -> nn.Module:
+        from rcdm import encoders
+
+        if len(layers) == 2:
+            return encoders.load_pair(args.encoder, args.checkpoint, trust=args.trust_checkpoint)
+        return encoders.load(args.encoder, args.checkpoint, layers[0], trust=args.trust_checkpoint)
+
+    run_extraction(
+        job,
+        factory,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        on_bad_image=args.on_bad_image,
+        autocast=not args.no_autocast,
+        progress=not args.no_progress,
+    )
+    return 0

@@ -1,0 +1,288 @@
+"""The HDF5 layout of extraction outputs, a chunked appending writer, and validation of finished files.
+
+Images file (one per dataset split and resolution; ``kind = "images"``)
+    ``images``     uint8 [N, S, S, 3]  centre crops at the model resolution S (``center_crop_arr``)
+    ``labels``     int64 [N]           class index, -1 when the dataset has none
+    ``paths``      utf-8 [N]           image identifiers (path relative to the folder root, or a name)
+    ``factors/<name>`` [N]             ``shapes`` only: one dataset per generative factor; categorical ones
+                                       are int64 with attribute ``categories`` (the names), others
+                                       float32 or int64
+    ``bad_paths``  utf-8 [B]           files skipped as unreadable, with the reason (``path: reason``)
+Features file (one per encoder and layer; ``kind = "features"``)
+    ``features``   float32|float16 [N, 2, D]  index 0: the image, 1: its horizontal mirror
+    ``paths``, ``bad_paths``           as above, so a features file can be matched to its images file
+Attributes of both: ``kind``, ``format_version``, ``num_images`` (N), ``paths_sha256`` (digest of the
+``paths`` list: equal digests = same images in the same order), ``num_bad``, ``dataset``, ``split``,
+``selection`` settings, shard settings; then per kind ``image_size``, ``crop_method`` or ``encoder``,
+``layer``, ``input_norm``, ``input_size``, ``dim``, ``checkpoint_sha256``, ``images_file``. ``complete`` is
+written last: with atomic renames a file under its final name is always complete; the flag double-checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+FORMAT_VERSION = 1
+KIND_IMAGES = "images"
+KIND_FEATURES = "features"
+
+IMAGES = "images"
+LABELS = "labels"
+PATHS = "paths"
+BAD_PATHS = "bad_paths"
+FACTORS = "factors"
+FEATURES = "features"
+CATEGORIES = "categories"
+
+FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
+#: attributes that differ between the shards of one output (everything else must agree to merge)
+SHARD_ATTRS = ("shard", "num_shards", "shard_start", "shard_stop", "num_images", "paths_sha256", "num_bad")
+STR = h5py.string_dtype("utf-8")
+CHUNK_BYTES = 1 << 17  # ~128 KiB chunks: a random row read stays cheap, the chunk index stays small
+
+_PART_RE = re.compile(r"^(?P<stem>.+)\.part-(?P<shard>\d+)-of-(?P<num>\d+)(?P<suffix>\.[^.]*)$")
+
+
+class H5SchemaError(ValueError):
+    """An HDF5 file that breaks this layout (missing dataset, wrong shape or dtype, incomplete...)."""
+
+
+def part_path(path: str | os.PathLike, shard: int, num_shards: int) -> Path:
+    """Name of shard ``shard`` of ``num_shards`` of output ``path``: ``X.h5 -> X.part-0003-of-0008.h5``."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} out of range for {num_shards} shards")
+    path = Path(path)
+    width = max(4, len(str(num_shards - 1)))
+    return path.with_name(f"{path.stem}.part-{shard:0{width}d}-of-{num_shards:0{width}d}{path.suffix}")
+
+
+def shard_range(n: int, shard: int, num_shards: int) -> tuple[int, int]:
+    """The contiguous slice ``[start, stop)`` of ``n`` items that shard ``shard`` of ``num_shards`` covers."""
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise ValueError(f"invalid shard {shard} of {num_shards}")
+    return shard * n // num_shards, (shard + 1) * n // num_shards
+
+
+class PathsDigest:
+    """Incremental sha256 of a list of paths (each utf-8 encoded and newline terminated)."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def update(self, paths: Iterable[str]) -> None:
+        for p in paths:
+            self._h.update(p.encode("utf-8") + b"\n")
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def shareable(path: Path) -> Path:
+    """Give a temporary file (``atomic_path`` makes them 0600) the usual umask-based mode; return it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    return path
+
+
+def _chunk_rows(row_shape: Sequence[int], itemsize: int) -> int:
+    return max(1, CHUNK_BYTES // max(1, int(np.prod(row_shape, dtype=np.int64)) * itemsize))
+
+
+class ChunkedWriter:
+    """Appends rows to resizable, chunked datasets of an open ``h5py.File`` (memory bounded by one batch).
+
+    ``specs`` maps a dataset name (``"group/name"`` allowed) to ``(row_shape, dtype)``; every ``append`` must
+    give all of them with the same number of rows. String datasets use ``h5schema.STR``.
+    """
+
+    def __init__(self, h5: h5py.File, specs: Mapping[str, tuple[Sequence[int], Any]]):
+        self.h5 = h5
+        self.rows = 0
+        self.datasets: dict[str, h5py.Dataset] = {}
+        for name, (row_shape, dtype) in specs.items():
+            itemsize = 16 if dtype is STR else np.dtype(dtype).itemsize
+            self.datasets[name] = h5.create_dataset(
+                name,
+                shape=(0, *row_shape),
+                maxshape=(None, *row_shape),
+                dtype=dtype,
+                chunks=(_chunk_rows(row_shape, itemsize), *row_shape),
+            )
+
+    def append(self, arrays: Mapping[str, Any]) -> None:
+        if set(arrays) != set(self.datasets):
+            raise KeyError(f"append needs exactly {sorted(self.datasets)}, got {sorted(arrays)}")
+        counts = {name: len(a) for name, a in arrays.items()}
+        n = next(iter(counts.values()))
+        if any(c != n for c in counts.values()):
+            raise ValueError(f"append with unequal row counts: {counts}")
+        if n == 0:
+            return
+        for name, a in arrays.items():
+            ds = self.datasets[name]
+            ds.resize(self.rows + n, axis=0)
+            ds[self.rows : self.rows + n] = a
+        self.rows += n
+
+
+def write_strings(h5: h5py.File, name: str, values: Sequence[str]) -> None:
+    """A (small) utf-8 string dataset written in one go."""
+    h5.create_dataset(name, data=np.array(list(values), dtype=object), dtype=STR)
+
+
+def read_strings(ds: h5py.Dataset, start: int = 0, stop: int | None = None) -> list[str]:
+    """Rows of a utf-8 string dataset as Python ``str``."""
+    return list(ds.asstr()[start:stop])
+
+
+def set_attrs(h5: h5py.File, attrs: Mapping[str, Any]) -> None:
+    """Write attributes, storing ``None`` as an empty string (HDF5 has no null)."""
+    for key, value in attrs.items():
+        h5.attrs[key] = "" if value is None else value
+
+
+def read_attrs(h5: h5py.File | h5py.Dataset) -> dict[str, Any]:
+    """Attributes as plain Python values (numpy scalars unwrapped, bytes decoded)."""
+    out = {}
+    for key, value in h5.attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode("utf-8")
+        elif isinstance(value, np.generic):
+            value = value.item()
+        out[key] = value
+    return out
+
+
+def paths_digest(ds: h5py.Dataset, block: int = 65536) -> str:
+    """Recompute ``paths_sha256`` from a ``paths`` dataset, streaming."""
+    digest = PathsDigest()
+    for start in range(0, ds.shape[0], block):
+        digest.update(read_strings(ds, start, start + block))
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def _open(path: str | os.PathLike) -> h5py.File:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"HDF5 file not found: {path}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise H5SchemaError(f"{path}: not a readable HDF5 file ({err})") from err
+
+
+def _need(h5: h5py.File, name: str, path: Path) -> h5py.Dataset:
+    if name not in h5 or not isinstance(h5[name], h5py.Dataset):
+        raise H5SchemaError(f"{path}: missing dataset {name!r} (has {sorted(h5.keys())})")
+    return h5[name]
+
+
+def _check_common(h5: h5py.File, path: Path, kind: str, deep: bool) -> dict[str, Any]:
+    attrs = read_attrs(h5)
+    if attrs.get("kind") != kind:
+        raise H5SchemaError(f"{path}: attribute kind is {attrs.get('kind')!r}, expected {kind!r}")
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise H5SchemaError(
+            f"{path}: format_version {attrs.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
+    if not attrs.get("complete"):
+        raise H5SchemaError(f"{path}: not marked complete (an interrupted or foreign write)")
+    paths = _need(h5, PATHS, path)
+    n = paths.shape[0]
+    if attrs.get("num_images") != n:
+        raise H5SchemaError(f"{path}: num_images attribute {attrs.get('num_images')} but {n} paths")
+    if paths.ndim != 1 or paths.dtype.kind != "O":
+        raise H5SchemaError(f"{path}: 'paths' must be a 1-d string dataset, got {paths.dtype} {paths.shape}")
+    if deep and paths_digest(paths) != attrs.get("paths_sha256"):
+        raise H5SchemaError(f"{path}: paths_sha256 attribute does not match the stored paths")
+    return attrs
+
+
+def check_images_file(path: str | os.PathLike, deep: bool = True) -> dict[str, Any]:
+    """Validate a finished images file; return its attributes. Raises ``H5SchemaError`` naming the problem.
+
+    ``deep`` also recomputes the paths digest.
+    """
+    path = Path(path)
+    with _open(path) as h5:
+        attrs = _check_common(h5, path, KIND_IMAGES, deep)
+        n, s = attrs["num_images"], attrs.get("image_size")
+        images = _need(h5, IMAGES, path)
+        if images.dtype != np.uint8 or images.shape != (n, s, s, 3):
+            raise H5SchemaError(
+                f"{path}: 'images' is {images.dtype} {images.shape}, expected uint8 {(n, s, s, 3)}"
+            )
+        labels = _need(h5, LABELS, path)
+        if labels.dtype != np.int64 or labels.shape != (n,):
+            raise H5SchemaError(f"{path}: 'labels' is {labels.dtype} {labels.shape}, expected int64 ({n},)")
+        if FACTORS in h5:
+            for name, ds in h5[FACTORS].items():
+                if ds.shape != (n,):
+                    raise H5SchemaError(f"{path}: factor {name!r} has shape {ds.shape}, expected ({n},)")
+        return attrs
+
+
+def check_features_file(
+    path: str | os.PathLike, images_path: str | os.PathLike | None = None, deep: bool = True
+) -> dict[str, Any]:
+    """Validate a finished features file (and, given ``images_path``, that it matches that images file).
+
+    ``deep`` also recomputes the paths digest and scans the features for NaN/inf (in blocks). Returns the
+    attributes; raises ``H5SchemaError`` naming the problem.
+    """
+    path = Path(path)
+    with _open(path) as h5:
+        attrs = _check_common(h5, path, KIND_FEATURES, deep)
+        n, d = attrs["num_images"], attrs.get("dim")
+        feats = _need(h5, FEATURES, path)
+        if feats.dtype not in (np.float32, np.float16) or feats.shape != (n, 2, d):
+            raise H5SchemaError(
+                f"{path}: 'features' is {feats.dtype} {feats.shape}, expected float32/float16 {(n, 2, d)}"
+            )
+        if deep:
+            block = max(1, (64 << 20) // max(1, 2 * d * feats.dtype.itemsize))
+            for start in range(0, n, block):
+                if not np.isfinite(feats[start : start + block]).all():
+                    raise H5SchemaError(
+                        f"{path}: NaN or infinite features in rows [{start}, {start + block})"
+                    )
+    if images_path is not None:
+        images_attrs = check_images_file(images_path, deep=deep)
+        if images_attrs["num_images"] != n or images_attrs["paths_sha256"] != attrs["paths_sha256"]:
+            raise H5SchemaError(
+                f"{path} does not belong to {images_path}: {n} vs {images_attrs['num_images']} images, "
+                f"paths digest {attrs['paths_sha256'][:12]} vs {images_attrs['paths_sha256'][:12]}"
+            )
+    return attrs
+
+
+def check_file(path: str | os.PathLike, deep: bool = True) -> dict[str, Any]:
+    """Validate an images or features file, whichever its ``kind`` attribute says."""
+    with _open(path) as h5:
+        kind = read_attrs(h5).get("kind")
+    if kind == KIND_IMAGES:
+        return check_images_file(path, deep=deep)
+    if kind == KIND_FEATURES:
+        return check_features_file(path, deep=deep)
+    raise H5SchemaError(f"{path}: unknown kind {kind!r} (expected {KIND_IMAGES!r} or {KIND_FEATURES!r})")
+
+
+def parse_part_path(path: str | os.PathLike) -> tuple[Path, int, int] | None:
+    """Inverse of ``part_path``: ``(final path, shard, num_shards)``, or None for a non-part name."""
+    path = Path(path)
+    m = _PART_RE.match(path.name)
+    if m is None:
+        return None
+    return path.with_name(m["stem"] + m["suffix"]), int(m["shard"]), int(m["num"])
