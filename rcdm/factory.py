@@ -7,8 +7,9 @@ Flags left out take their default; an unknown flag is an error naming it.
 
 from __future__ import annotations
 
+import argparse
 import difflib
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from rcdm.unet import UNetModel
@@ -252,3 +253,27 @@ def create_model_and_diffusion(**flags: Any) -> tuple[UNetModel, Any]:
     """
     full = resolve_flags(**flags)
     return create_model_from_flags(**full), create_diffusion_from_flags(**full)
+
+
+def str2bool(value: str | bool) -> bool:
+    """Parse a command-line boolean (yes/no, true/false, t/f, y/n, 1/0; case-insensitive)."""
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower()
+    if text in ("yes", "true", "t", "y", "1"):
+        return True
+    if text in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {value!r}")
+
+
+def add_dict_to_argparser(parser: argparse.ArgumentParser, defaults: Mapping[str, Any]) -> None:
+    """Add ``--name`` options typed after each default (published script_util helper, for ported scripts)."""
+    for name, default in defaults.items():
+        kind = str if default is None else str2bool if isinstance(default, bool) else type(default)
+        parser.add_argument(f"--{name}", default=default, type=kind)
+
+
+def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> dict[str, Any]:
+    """Named attributes of parsed ``args`` as a dict (e.g. keys of :func:`model_and_diffusion_defaults`)."""
+    return {k: getattr(args, k) for k in keys}

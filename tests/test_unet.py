@@ -255,3 +255,15 @@ def test_use_fp16_converts_the_torso_only():
     assert model.dtype == torch.float32
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, feat=feat), expected)
+
+
+def test_bf16_autocast_stays_close_to_fp32():
+    model = tiny_model().eval()
+    x, t, feat = tiny_inputs()
+    with torch.inference_mode():
+        ref = model(x, t, feat=feat)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t, feat=feat)
+    assert out.dtype == torch.bfloat16
+    rel = (out.float() - ref).abs().max() / ref.abs().max()
+    assert 0 < rel < 3e-2, rel
