@@ -189,6 +189,8 @@ def test_feat_none_means_no_representation_term():
         with_feat = model(x, t, feat=feat)
         without = model(x, t)
         assert (with_feat - without).abs().max() > 1e-3
+        # One representation for a whole batch broadcasts, as the published RCDM sampler relies on.
+        torch.testing.assert_close(model(x, t, feat=feat[:1]), model(x, t, feat=feat[:1].expand(2, -1)))
         model.ssl_emb.weight.zero_()
         model.ssl_emb.bias.zero_()
         torch.testing.assert_close(model(x, t, feat=feat), without)
