@@ -1,0 +1,148 @@
+"""Process-group setup for one process, torchrun, or srun under SLURM; rank-0-only helpers.
+
+torchrun exports RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT. srun exports SLURM_PROCID,
+SLURM_LOCALID and SLURM_STEP_NUM_TASKS (SLURM_NTASKS in older versions) instead; we translate those into the
+torchrun names so a multi-node job needs no wrapper script. The master address is the first host of
+SLURM_NODELIST (expanded by ``scontrol show hostnames`` when available, else parsed here) and the port is
+derived from the job id so concurrent jobs on one node do not collide.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the job and which device it trains on."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+    # A gloo group for small CPU-side agreements (stop flags) that must not synchronise the GPU stream.
+    cpu_group: object | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def first_host(nodelist: str) -> str:
+    """First host name of a SLURM node list such as ``gpu[03-05,09],cpu01`` (-> ``gpu03``)."""
+    nodelist = nodelist.strip()
+    if not nodelist:
+        raise ValueError("empty SLURM node list")
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if match is None:
+        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, ranges = match.group(1), match.group(2)
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def _master_addr_from_nodelist(nodelist: str) -> str:
+    scontrol = shutil.which("scontrol")
+    if scontrol:
+        try:
+            out = subprocess.run(
+                [scontrol, "show", "hostnames", nodelist],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout.split()
+            if out:
+                return out[0]
+        except (subprocess.SubprocessError, OSError):
+            pass
+    return first_host(nodelist)
+
+
+def slurm_to_torch_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """torchrun-style variables implied by an srun task's SLURM_* environment ({} when not under srun)."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return {}  # torchrun (or the user) already set them
+    ntasks = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS")
+    if "SLURM_PROCID" not in environ or not ntasks or int(ntasks) <= 1:
+        return {}
+    nodelist = (
+        environ.get("SLURM_STEP_NODELIST")
+        or environ.get("SLURM_JOB_NODELIST")
+        or environ.get("SLURM_NODELIST", "")
+    )
+    env = {
+        "RANK": environ["SLURM_PROCID"],
+        "WORLD_SIZE": str(int(ntasks)),
+        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+    }
+    if "MASTER_ADDR" not in environ:
+        env["MASTER_ADDR"] = _master_addr_from_nodelist(nodelist) if nodelist else "127.0.0.1"
+    if "MASTER_PORT" not in environ:
+        job = environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID") or "0"
+        env["MASTER_PORT"] = str(15000 + int(re.sub(r"\D", "", job) or 0) % 20000)
+    return env
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistContext:
+    """Join the process group described by the environment; a single process gets a trivial context.
+
+    ``device``: "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu", "cuda" or "cuda:N".
+    Backend: nccl on CUDA, gloo on CPU.
+    """
+    os.environ.update(slurm_to_torch_env(os.environ))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    if world <= 1:
+        return DistContext(device=dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        for key in ("MASTER_ADDR", "MASTER_PORT"):
+            if key not in os.environ:
+                raise RuntimeError(f"distributed run (WORLD_SIZE={world}) but {key} is not set")
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=dev if dev.type == "cuda" else None,
+        )
+    cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    return DistContext(rank, world, local_rank, dev, backend, cpu_group)
+
+
+def cleanup(ctx: DistContext) -> None:
+    """Leave the process group (no-op for a single process)."""
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier(group=ctx.cpu_group)

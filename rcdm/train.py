@@ -1,0 +1,816 @@
+"""``rcdm train``: train the representation-conditioned diffusion model from the extraction's HDF5 files.
+
+One process, torchrun (``torchrun --nproc-per-node 8 -m rcdm train ...``) or srun under SLURM (ranks from
+SLURM_*). Files under ``--out`` (only rank 0 writes):
+
+- ``checkpoints/ckpt_NNNNNN.pt``: resumable state (model, EMA, optimizer, grad scaler, timestep sampler, step,
+  RNG states, configuration), written atomically every ``--save-interval`` steps and on SIGTERM/SIGUSR1; the
+  last ``--keep`` are kept. A restarted run resumes from the newest one that loads (``--resume auto``).
+  Keep this folder out of a workflow's declared outputs (Snakemake deletes those before a job runs).
+- ``model_NNNNNN.pt``, ``ema_<rate>_NNNNNN.pt``: plain state dicts (published naming) at every save.
+- ``ema_<rate>_final.pt`` (per rate), ``model_final.pt`` and, last, ``train_summary.json``: written when the
+  run reaches ``--steps`` or its ``--time-budget``; the workflow's output.
+- ``progress.csv``: loss, mse, vb, their per-quartile-of-t means, grad norm, lr, data-wait fraction,
+  throughput, every ``--log-interval`` steps. ``train_config.json``: the configuration.
+
+Exit codes: 0 finished (steps or time budget), 75 stopped by a signal after saving (requeue and rerun the same
+command to continue), 1 bad configuration, 3 non-finite loss (the last good checkpoint is kept).
+
+Departures from guided-diffusion's TrainLoop, on purpose: the batch size is global (split over ranks);
+micro-batch losses are averaged (not summed) so the gradient equals the full batch's; timesteps and noise of
+the whole global batch come from a generator seeded by (seed, step), so results do not depend on the number of
+processes and resume exactly; mixed precision uses autocast with fp32 master weights (``use_fp16`` in the
+model flags selects ``--precision fp16``); the loss-aware sampler is updated once per step with its losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from rcdm.distributed import DistContext, barrier, cleanup, init_distributed
+from rcdm.ema import EMA, rate_tag
+from rcdm.io import atomic_path, safe_torch_load
+from rcdm.timestep_sampler import LossAwareSampler, create_named_schedule_sampler
+from rcdm.train_data import H5PairDataset, StepBatchSampler, to_model_images
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; rerun to resume
+EXIT_CONFIG = 1
+EXIT_NONFINITE = 3
+CHECKPOINT_FORMAT = "rcdm-train-checkpoint"
+CHECKPOINT_VERSION = 1
+#: flags that change neither the architecture nor the diffusion: may differ between a checkpoint and a resume
+RUNTIME_FLAGS = ("use_checkpoint", "use_fp16", "dropout")
+_NO_BAD_STEP = 2**62
+
+
+class TrainConfigError(ValueError):
+    """A training configuration that cannot work (reported before any compute)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (stored in every checkpoint)."""
+
+    images: str
+    features: str
+    out: str
+    model_flags: dict[str, Any] = field(default_factory=dict)
+    steps: int = 0  # 0: until the time budget (or a signal)
+    batch_size: int = 32  # global, over all ranks
+    microbatch: int = 0  # per rank; 0 = the whole per-rank batch
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup: int = 0
+    lr_anneal_steps: int = 0
+    grad_clip: float = 0.0
+    ema_rates: list[float] = field(default_factory=lambda: [0.9999])
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    channels_last: bool = False
+    compile: bool = False
+    schedule_sampler: str = "uniform"
+    save_interval: int = 10000
+    keep: int = 3
+    log_interval: int = 100
+    workers: int = 4
+    seed: int = 0
+    time_budget: float = 0.0
+    resume: str = "auto"  # auto | none | PATH
+    ckpt_dir: str = ""  # "" = <out>/checkpoints
+    random_flip: bool = True
+    deterministic: bool = False
+    deep_check: bool = False
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.ckpt_dir) if self.ckpt_dir else Path(self.out) / "checkpoints"
+
+
+def load_model_flags(spec: str | os.PathLike | dict | None) -> dict[str, Any]:
+    """Model flags from a dict, a JSON string, or a YAML/JSON file of the published flag names."""
+    if spec is None or spec == "":
+        return {}
+    if isinstance(spec, dict):
+        return dict(spec)
+    text = str(spec).strip()
+    if text.startswith("{"):
+        try:
+            flags = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise TrainConfigError(f"--model-flags is not valid JSON: {err}") from err
+    else:
+        import yaml
+
+        path = Path(text)
+        if not path.is_file():
+            raise TrainConfigError(f"model flags file not found: {path}")
+        flags = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(flags, dict):
+        raise TrainConfigError(
+            f"model flags must be a mapping of flag names to values, got {type(flags).__name__}"
+        )
+    return flags
+
+
+def seed_for(*keys: int) -> int:
+    """A 63-bit seed derived from integers (independent streams for (seed, step, purpose, rank))."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise TrainConfigError(f"unknown precision {precision!r}; choose auto, fp32, bf16 or fp16")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainConfigError("bf16 is not supported on this GPU; use --precision fp16 or fp32")
+    return precision
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}  # fmt: skip
+
+
+def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached"]))
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch, cuda, numpy, python), as types ``weights_only`` loading accepts."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": _numpy_rng_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    _set_numpy_rng_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.stem.rsplit("_", 1)[-1])
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Resumable checkpoints in ``ckpt_dir``, newest (highest step) first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.glob("ckpt_*.pt") if p.stem.rsplit("_", 1)[-1].isdigit()]
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A resumable checkpoint, checked for completeness; raises ValueError for anything else."""
+    try:
+        state = safe_torch_load(path)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # truncated or corrupt file: torch raises several types
+        raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
+    return validate_checkpoint(state, path)
+
+
+def validate_checkpoint(state: Any, path: Path) -> dict[str, Any]:
+    """``state`` if it is a complete resumable checkpoint, else ValueError naming ``path``."""
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an rcdm training checkpoint")
+    missing = [k for k in ("step", "model", "ema", "optimizer", "model_flags", "complete") if k not in state]
+    if missing or not state["complete"]:
+        raise ValueError(f"{path}: incomplete checkpoint (missing {missing})")
+    return state
+
+
+def find_resume_checkpoint(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads; corrupt or partial ones are skipped with a warning."""
+    for path in list_checkpoints(ckpt_dir):
+        try:
+            return path, load_checkpoint(path)
+        except ValueError as err:
+            warnings.warn(f"skipping checkpoint: {err}", stacklevel=2)
+    return None
+
+
+def flag_differences(
+    a: dict[str, Any], b: dict[str, Any], ignore: Sequence[str] = RUNTIME_FLAGS
+) -> list[str]:
+    keys = sorted((set(a) | set(b)) - set(ignore))
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+class _Autocast:
+    """Calls ``model`` under autocast (``dtype`` None: plain fp32)."""
+
+    def __init__(self, model, device_type: str, dtype: torch.dtype | None):
+        self.model, self.device_type, self.dtype = model, device_type, dtype
+
+    def __call__(self, *args, **kwargs):
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None):
+            return self.model(*args, **kwargs)
+
+
+class Trainer:
+    """A training run: validates the configuration, builds or resumes the state, runs ``train()``."""
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext | None = None):
+        from rcdm.factory import create_diffusion_from_flags, create_model_from_flags, resolve_flags
+
+        self.cfg = cfg
+        self.ctx = ctx or DistContext(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = self.ctx.device
+        self._validate_numbers()
+        self.data = H5PairDataset(cfg.images, cfg.features, deep_check=cfg.deep_check)
+        self.flags = resolve_flags(**self._flags_for_data(load_model_flags(cfg.model_flags)))
+        precision = "fp16" if self.flags["use_fp16"] and cfg.precision == "auto" else cfg.precision
+        self.precision = resolve_precision(precision, self.device)
+        self.local_batch = cfg.batch_size // self.ctx.world_size
+        self.microbatch = cfg.microbatch or self.local_batch
+        # the data order must have at least one batch per epoch (raises a clear error otherwise)
+        StepBatchSampler(self.data.num_images, cfg.batch_size, cfg.seed, world_size=self.ctx.world_size)
+
+        resume = self._find_resume()  # before any weights are built: a mismatch is reported for free
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        torch.manual_seed(seed_for(cfg.seed, 0, 2))  # same initial weights on every rank
+        self.model = create_model_from_flags(**{**self.flags, "use_fp16": False}).to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.diffusion = create_diffusion_from_flags(**self.flags)
+        self.params = list(self.model.parameters())
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        self.ema = EMA(self.model, cfg.ema_rates)
+        self.sampler = create_named_schedule_sampler(
+            cfg.schedule_sampler, self.diffusion.num_timesteps, self.device
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.step = 0
+        self.resumed_from: Path | None = None
+        if resume is not None:
+            self._restore(*resume)
+        if self._init_weights is not None:
+            self._load_initial_weights(self._init_weights)
+
+        self.ddp = None
+        fwd = self.model
+        if self.ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+            fwd = self.ddp
+        if cfg.compile:
+            fwd = torch.compile(fwd)
+        amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+        self.forward_model = _Autocast(fwd, self.device.type, amp)
+        self._gen = torch.Generator(device=self.device)
+        self._keys: list[str] | None = None
+        self._stop_signal: int | None = None
+        self._pending_stop = None
+        self._reset_stats()
+
+    # ----------------------------------------------------------------------------------- configuration
+    def _validate_numbers(self) -> None:
+        cfg, world = self.cfg, self.ctx.world_size
+        problems = []
+        if cfg.batch_size < 1 or cfg.batch_size % world:
+            problems.append(
+                f"--batch-size {cfg.batch_size} must be a positive multiple of the {world} processes"
+            )
+        local = cfg.batch_size // max(world, 1)
+        if cfg.microbatch < 0 or cfg.microbatch > local:
+            problems.append(f"--microbatch {cfg.microbatch} must be in [0, per-process batch {local}]")
+        if cfg.steps < 0 or (cfg.steps == 0 and cfg.time_budget <= 0):
+            problems.append("give --steps N > 0 or a --time-budget")
+        for name in ("save_interval", "log_interval", "keep"):
+            if getattr(cfg, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1")
+        if cfg.lr <= 0 or cfg.weight_decay < 0 or cfg.grad_clip < 0 or cfg.warmup < 0 or cfg.workers < 0:
+            problems.append("lr must be > 0; weight decay, grad clip, warmup and workers >= 0")
+        if problems:
+            raise TrainConfigError("; ".join(problems))
+
+    def _flags_for_data(self, flags: dict[str, Any]) -> dict[str, Any]:
+        flags = dict(flags)
+        for key, value, what in (
+            ("image_size", self.data.image_size, f"images of {self.cfg.images}"),
+            ("ssl_dim", self.data.feature_dim, f"features of {self.cfg.features}"),
+        ):
+            if key not in flags:
+                flags[key] = value
+            elif int(flags[key]) != value:
+                raise TrainConfigError(
+                    f"model flag {key}={flags[key]} but the {what} have {key.split('_')[0]} {value}"
+                )
+        return flags
+
+    def _find_resume(self) -> tuple[Path, dict[str, Any]] | None:
+        cfg = self.cfg
+        self._init_weights = None
+        if cfg.resume == "none":
+            existing = list_checkpoints(cfg.checkpoint_dir)
+            if existing:
+                raise TrainConfigError(
+                    f"--resume none but {cfg.checkpoint_dir} already holds checkpoints ({existing[0].name}); "
+                    "use --resume auto to continue or remove them"
+                )
+            return None
+        if cfg.resume == "auto":
+            found = find_resume_checkpoint(cfg.checkpoint_dir)
+        else:
+            path = Path(cfg.resume)
+            if not path.is_file():
+                raise TrainConfigError(f"--resume checkpoint not found: {path}")
+            state = safe_torch_load(path)
+            if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+                found = (path, validate_checkpoint(state, path))
+            else:  # a plain state dict (an export or a published checkpoint): initial weights, step 0
+                from rcdm.checkpoint import unwrap_state_dict
+
+                self._init_weights = (path, unwrap_state_dict(state, str(path)))
+                return None
+        if found is None:
+            return None
+        path, state = found
+        diffs = flag_differences(state["model_flags"], self.flags)
+        if diffs:
+            raise TrainConfigError(
+                f"cannot resume from {path}: it was trained with other model/diffusion flags "
+                f"({'; '.join(diffs)})"
+            )
+        return path, state
+
+    def _load_initial_weights(self, init: tuple[Path, dict[str, torch.Tensor]]) -> None:
+        from rcdm.checkpoint import check_state_dict
+
+        path, sd = init
+        check_state_dict(self.model, sd, self.flags, source=str(path))
+        self.model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+        self.ema = EMA(self.model, self.cfg.ema_rates)
+
+    def _restore(self, path: Path, state: dict[str, Any]) -> None:
+        from rcdm.checkpoint import check_state_dict
+
+        check_state_dict(self.model, state["model"], self.flags, source=str(path))
+        self.model.load_state_dict(state["model"], strict=True)
+        self.opt.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict(state["ema"])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        if state.get("sampler"):
+            self.sampler.load_state_dict(state["sampler"])
+        rngs = state.get("rng") or []
+        if len(rngs) == self.ctx.world_size:
+            set_rng_state(rngs[self.ctx.rank])
+        self.step = int(state["step"])
+        self.resumed_from = path
+        old = state.get("config", {})
+        for key in ("batch_size", "seed", "random_flip", "schedule_sampler"):
+            if key in old and old[key] != getattr(self.cfg, key):
+                warnings.warn(
+                    f"resuming with {key}={getattr(self.cfg, key)!r} (checkpoint: {old[key]!r}); the run "
+                    "will not equal an uninterrupted one",
+                    stacklevel=2,
+                )
+
+    # ----------------------------------------------------------------------------------- one step
+    def _reset_stats(self) -> None:
+        dev = self.device
+        self._sums = torch.zeros(3, 5, dtype=torch.float64, device=dev)  # key x (q0..q3, all)
+        self._counts = torch.zeros(5, dtype=torch.float64, device=dev)
+        self._grad_norm = torch.zeros((), dtype=torch.float64, device=dev)
+        self._bad_step = torch.full((), _NO_BAD_STEP, dtype=torch.int64, device=dev)
+        self._stat_steps = 0
+        self._wait = 0.0
+        self._interval_start = time.perf_counter()
+
+    def lr_at(self, step: int) -> float:
+        lr = self.cfg.lr
+        if self.cfg.warmup:
+            lr *= min(1.0, (step + 1) / self.cfg.warmup)
+        if self.cfg.lr_anneal_steps:
+            lr *= max(0.0, 1.0 - step / self.cfg.lr_anneal_steps)
+        return lr
+
+    def _accumulate(self, t: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        if self._keys is None:
+            self._keys = [k for k in ("loss", "mse", "vb") if k in terms]
+        quart = (4 * t // self.diffusion.num_timesteps).clamp_(max=3)
+        ones = torch.ones_like(t, dtype=torch.float64)
+        self._counts[:4].index_add_(0, quart, ones)
+        self._counts[4] += t.shape[0]
+        for j, key in enumerate(self._keys):
+            v = terms[key].detach().double()
+            self._sums[j, :4].index_add_(0, quart, v)
+            self._sums[j, 4] += v.sum()
+
+    def train_step(self, images: torch.Tensor, feats: torch.Tensor) -> None:
+        """One optimizer step on this rank's share ``images`` (uint8 NHWC) / ``feats`` of the global batch."""
+        cfg, dev = self.cfg, self.device
+        b, m = self.local_batch, self.microbatch
+        # Timesteps and noise of the whole global batch from (seed, step): identical for any world size.
+        self._gen.manual_seed(seed_for(cfg.seed, self.step, 0))
+        t_all, w_all = self.sampler.sample(cfg.batch_size, dev, generator=self._gen)
+        s = self.data.image_size
+        noise_all = torch.randn((cfg.batch_size, 3, s, s), generator=self._gen, device=dev)
+        torch.manual_seed(seed_for(cfg.seed, self.step, 1, self.ctx.rank))  # dropout
+        lo = self.ctx.rank * b
+        t, w, noise = t_all[lo : lo + b], w_all[lo : lo + b], noise_all[lo : lo + b]
+        x = to_model_images(images, dev, cfg.channels_last)
+        if cfg.channels_last:
+            noise = noise.contiguous(memory_format=torch.channels_last)
+        f = feats.to(dev, non_blocking=True).float()
+
+        self.opt.zero_grad(set_to_none=True)
+        step_losses = []
+        for i in range(0, b, m):
+            last = i + m >= b
+            sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
+            with sync:
+                terms = self.diffusion.training_losses(
+                    self.forward_model, x[i : i + m], t[i : i + m], model_kwargs={"feat": f[i : i + m]},
+                    noise=noise[i : i + m],
+                )  # fmt: skip
+                wm = w[i : i + m]
+                loss = (terms["loss"] * wm).sum() / b  # mean over the rank's batch; DDP averages over ranks
+                self.scaler.scale(loss).backward()
+            step_losses.append(terms["loss"].detach())
+            self._accumulate(t[i : i + m], {k: v * wm for k, v in terms.items()})
+        losses = torch.cat(step_losses)
+        if self.precision != "fp16":  # fp16: the grad scaler skips overflowing steps instead
+            bad = ~torch.isfinite(losses).all()
+            self._bad_step = torch.where(bad, self._bad_step.clamp(max=self.step), self._bad_step)
+        if isinstance(self.sampler, LossAwareSampler):
+            self.sampler.update_with_local_losses(t, losses, max_batch=b)
+
+        lr = self.lr_at(self.step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.scaler.unscale_(self.opt)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        self._grad_norm += torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True).double()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.ema.update(self.params)
+        self.step += 1
+        self._stat_steps += 1
+
+    # ----------------------------------------------------------------------------------- logging
+    def _reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
+        if self.ctx.distributed:
+            dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+        return tensor
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLossError if a loss since the last log was NaN/inf (one host sync)."""
+        bad = int(self._reduce(self._bad_step.clone(), dist.ReduceOp.MIN).item())
+        if bad != _NO_BAD_STEP:
+            raise NonFiniteLossError(
+                f"non-finite loss at step {bad + 1} (optimizer step {bad} -> {bad + 1}); training stopped. "
+                f"The last good checkpoint in {self.cfg.checkpoint_dir} is kept. Lower --lr, add "
+                "--grad-clip, use --precision fp32/bf16, or check the features for NaN (--deep-check)."
+            )
+
+    def _log(self, bar: tqdm | None) -> None:
+        self.check_finite()
+        packed = torch.cat([self._sums.flatten(), self._counts, self._grad_norm.reshape(1)])
+        packed = self._reduce(packed).cpu().numpy()
+        k = 3 * 5
+        sums, counts, grad = packed[:k].reshape(3, 5), packed[k : k + 5], packed[k + 5] / self.ctx.world_size
+        now = time.perf_counter()
+        elapsed = max(now - self._interval_start, 1e-9)
+        steps = max(self._stat_steps, 1)
+        row: dict[str, Any] = {"step": self.step, "samples": self.step * self.cfg.batch_size,
+                               "lr": self.lr_at(self.step - 1)}  # fmt: skip
+        for j, key in enumerate(self._keys or []):
+            row[key] = sums[j, 4] / max(counts[4], 1)
+            for q in range(4):
+                row[f"{key}_q{q}"] = sums[j, q] / counts[q] if counts[q] else float("nan")
+        row["grad_norm"] = grad / steps
+        if self.scaler.is_enabled():
+            row["loss_scale"] = float(self.scaler.get_scale())
+        row["data_wait_frac"] = self._wait / elapsed
+        row["steps_per_s"] = self._stat_steps / elapsed
+        row["images_per_s"] = self._stat_steps * self.cfg.batch_size / elapsed
+        if self.ctx.is_main:
+            self._write_csv(row)
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{row.get('loss', float('nan')):.4f}", wait=f"{row['data_wait_frac']:.2f}"
+                )
+        self._reset_stats()
+
+    def _write_csv(self, row: dict[str, Any]) -> None:
+        path = Path(self.cfg.out) / "progress.csv"
+        if path.exists() and path.stat().st_size:
+            with open(path, newline="") as fh:
+                header = next(csv.reader(fh))
+        else:
+            header = list(row)
+            with open(path, "w", newline="") as fh:
+                csv.writer(fh).writerow(header)
+        with open(path, "a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=header, extrasaction="ignore").writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+            )
+
+    def _truncate_csv(self) -> None:
+        """After a resume, drop log rows written after the checkpoint (they will be logged again)."""
+        path = Path(self.cfg.out) / "progress.csv"
+        if not (self.ctx.is_main and path.is_file()):
+            return
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh))
+        if not rows:
+            return
+        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= self.step]
+        if len(kept) != len(rows):
+            with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+                csv.writer(fh).writerows(kept)
+
+    # ----------------------------------------------------------------------------------- saving
+    def checkpoint_state(self, rngs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "sampler": self.sampler.state_dict(),
+            "rng": rngs,
+            "config": self.cfg.to_dict(),
+            "model_flags": self.flags,
+            "world_size": self.ctx.world_size,
+            "complete": True,
+        }
+
+    def save(self) -> Path | None:
+        """Write a resumable checkpoint and the plain exports of this step (rank 0); keep the last K."""
+        self.check_finite()
+        rngs = [rng_state()]
+        if self.ctx.distributed:
+            rngs = [None] * self.ctx.world_size
+            dist.all_gather_object(rngs, rng_state(), group=self.ctx.cpu_group)
+        path = None
+        if self.ctx.is_main:
+            ckpt_dir = self.cfg.checkpoint_dir
+            path = ckpt_dir / f"ckpt_{self.step:06d}.pt"
+            with atomic_path(path) as tmp:
+                torch.save(self.checkpoint_state(rngs), tmp)
+            self.export(f"{self.step:06d}")
+            for old in list_checkpoints(ckpt_dir)[self.cfg.keep :]:
+                old.unlink(missing_ok=True)
+        barrier(self.ctx)
+        return path
+
+    def export(self, tag: str) -> list[Path]:
+        """``model_<tag>.pt`` and ``ema_<rate>_<tag>.pt``: plain state dicts loadable by any RCDM loader."""
+        out = Path(self.cfg.out)
+        written = []
+        items = [(f"model_{tag}.pt", {k: v.detach().cpu() for k, v in self.model.state_dict().items()})]
+        items += [(f"ema_{rate_tag(r)}_{tag}.pt", self.ema.export(self.model, r)) for r in self.ema.rates]
+        for name, sd in items:
+            with atomic_path(out / name) as tmp:
+                torch.save(sd, tmp)
+            written.append(out / name)
+        return written
+
+    def _finish(self, reason: str, started: float) -> None:
+        if not self.ctx.is_main:
+            return
+        files = self.export("final")
+        summary = {
+            "step": self.step, "reason": reason, "ema_rates": self.ema.rates,
+            "files": [p.name for p in files], "model_flags": self.flags,
+            "seconds_this_process": time.perf_counter() - started,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+        }  # fmt: skip
+        with atomic_path(Path(self.cfg.out) / "train_summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2, default=str))
+
+    # ----------------------------------------------------------------------------------- the loop
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+        print(f"rcdm train: received {signal.Signals(signum).name}; saving after this step", file=sys.stderr)
+
+    def _should_stop(self, started: float, steps_done: int) -> int:
+        """0 = go on, 1 = signal, 2 = time budget; agreed by every rank (one step late when distributed)."""
+        flag = 1 if self._stop_signal is not None else 0
+        if self.cfg.time_budget > 0 and steps_done:
+            elapsed = time.perf_counter() - started
+            if elapsed + 2.0 * elapsed / steps_done > self.cfg.time_budget:
+                flag = max(flag, 2) if flag != 1 else 1
+        if not self.ctx.distributed:
+            return flag
+        decided = 0
+        if self._pending_stop is not None:
+            work, tensor = self._pending_stop
+            work.wait()
+            decided = int(tensor[0])
+        tensor = torch.tensor([flag], dtype=torch.int64)
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.ctx.cpu_group, async_op=True)
+        self._pending_stop = (work, tensor)
+        return decided
+
+    def _loader(self):
+        from torch.utils.data import DataLoader
+
+        cfg = self.cfg
+        sampler = StepBatchSampler(
+            self.data.num_images, cfg.batch_size, cfg.seed, self.ctx.rank, self.ctx.world_size,
+            start_step=self.step, stop_step=cfg.steps or None, random_flip=cfg.random_flip,
+        )  # fmt: skip
+        return DataLoader(
+            self.data, batch_size=None, sampler=sampler, num_workers=cfg.workers,
+            pin_memory=self.device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )  # fmt: skip
+
+    def train(self) -> int:
+        """Run until ``steps``, the time budget, or a signal. Returns the process exit code."""
+        cfg = self.cfg
+        out = Path(cfg.out)
+        if self.ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            with atomic_path(out / "train_config.json") as tmp:
+                tmp.write_text(
+                    json.dumps({**cfg.to_dict(), "model_flags": self.flags}, indent=2, default=str)
+                )
+            if self.resumed_from is not None:
+                self._truncate_csv()
+        started = time.perf_counter()
+        if cfg.steps and self.step >= cfg.steps:
+            self._finish("done", started)
+            return 0
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                handlers[sig] = signal.signal(sig, self._on_signal)
+        bar = tqdm(total=cfg.steps or None, initial=self.step, desc="train", file=sys.stderr, unit="step",
+                   dynamic_ncols=True, disable=not (self.ctx.is_main and cfg.progress))  # fmt: skip
+        self.model.train()
+        stop, steps_done, last_bar = 0, 0, self.step
+        try:
+            self._reset_stats()
+            it = iter(self._loader())
+            while not cfg.steps or self.step < cfg.steps:
+                t0 = time.perf_counter()
+                images, feats = next(it)
+                self._wait += time.perf_counter() - t0
+                self.train_step(images, feats)
+                steps_done += 1
+                stop = self._should_stop(started, steps_done)
+                finished = stop or (cfg.steps and self.step >= cfg.steps)
+                if self.step % cfg.log_interval == 0 or finished:
+                    self._log(bar)
+                    bar.update(self.step - last_bar)
+                    last_bar = self.step
+                if self.step % cfg.save_interval == 0 or finished:
+                    self.save()
+                if stop:
+                    break
+        finally:
+            bar.close()
+            for sig, old in handlers.items():
+                signal.signal(sig, old)
+            if self._pending_stop is not None:
+                self._pending_stop[0].wait()
+                self._pending_stop = None
+        if stop == 1:
+            return EXIT_PREEMPTED
+        self._finish("time_budget" if stop == 2 else "done", started)
+        barrier(self.ctx)
+        return 0
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainConfig(images="", features="", out="")
+    a = parser.add_argument
+    a("--images", required=True, help="images HDF5 file of the extraction stage")
+    a("--features", required=True, help="features HDF5 file (same images) of the extraction stage")
+    a("--out", required=True, help="output folder (exports, progress.csv; checkpoints/ unless --ckpt-dir)")
+    a("--model-flags", default="", help="published model/diffusion flags: a JSON string or a YAML/JSON file")
+    a("--steps", type=int, default=d.steps, help="optimizer steps in total (0: until --time-budget)")
+    a("--batch-size", type=int, default=d.batch_size, help="global batch, split over the processes")
+    a("--microbatch", type=int, default=d.microbatch, help="per-process micro-batch (0: no accumulation)")
+    a("--lr", type=float, default=d.lr)
+    a("--weight-decay", type=float, default=d.weight_decay)
+    a("--warmup", type=int, default=d.warmup, help="linear learning-rate warm-up steps")
+    a(
+        "--lr-anneal-steps",
+        type=int,
+        default=d.lr_anneal_steps,
+        help="linear decay to 0 over N steps (0: off)",
+    )
+    a("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
+    a("--ema", type=float, nargs="+", default=d.ema_rates, dest="ema_rates", help="EMA rate(s)")
+    a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=d.precision)
+    a("--channels-last", action="store_true")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--use-checkpoint", action="store_true", help="gradient checkpointing (sets the model flag)")
+    a("--schedule-sampler", choices=["uniform", "loss-second-moment"], default=d.schedule_sampler)
+    a("--save-interval", type=int, default=d.save_interval)
+    a("--keep", type=int, default=d.keep, help="resumable checkpoints to keep")
+    a("--log-interval", type=int, default=d.log_interval)
+    a("--workers", type=int, default=d.workers, help="DataLoader worker processes")
+    a("--seed", type=int, default=d.seed)
+    a("--time-budget", type=float, default=d.time_budget, help="stop cleanly (save, export) after SECONDS")
+    a(
+        "--resume",
+        default=d.resume,
+        help="auto (newest valid checkpoint), none, or a checkpoint/state-dict path",
+    )
+    a("--ckpt-dir", default=d.ckpt_dir, help="resumable checkpoints folder (default <out>/checkpoints)")
+    a("--no-flip", action="store_true", help="no random horizontal flips")
+    a("--deterministic", action="store_true", help="deterministic algorithms (slower; exact reruns)")
+    a("--deep-check", action="store_true", help="scan the whole features file for NaN before training")
+    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    flags = load_model_flags(args.model_flags)
+    if args.use_checkpoint:
+        flags["use_checkpoint"] = True
+    names = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names and k != "model_flags"}
+    return TrainConfig(
+        **values, model_flags=flags, random_flip=not args.no_flip, progress=not args.no_progress
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from rcdm.checkpoint import CheckpointMismatchError
+    from rcdm.factory import UnknownFlagError
+    from rcdm.h5schema import H5SchemaError
+
+    try:
+        cfg = config_from_args(args)
+    except TrainConfigError as err:
+        print(f"rcdm train: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    ctx = init_distributed(args.device)
+    try:
+        trainer = Trainer(cfg, ctx)
+        return trainer.train()
+    except (
+        TrainConfigError,
+        FileNotFoundError,
+        H5SchemaError,
+        UnknownFlagError,
+        CheckpointMismatchError,
+    ) as err:
+        print(f"rcdm train: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except NonFiniteLossError as err:
+        print(f"rcdm train: error: {err}", file=sys.stderr)
+        return EXIT_NONFINITE
+    finally:
+        cleanup(ctx)

@@ -1,0 +1,296 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from rcdm import h5schema
+from rcdm.train import (
+    EXIT_PREEMPTED,
+    NonFiniteLossError,
+    TrainConfig,
+    TrainConfigError,
+    Trainer,
+    find_resume_checkpoint,
+    load_model_flags,
+)
+from rcdm.train_data import H5PairDataset, StepBatchSampler, to_model_images
+
+FLAGS = {
+    "image_size": 8,
+    "num_channels": 32,
+    "channel_mult": "1,2",
+    "num_res_blocks": 1,
+    "attention_resolutions": "4",
+    "num_heads": 2,
+    "learn_sigma": True,
+    "diffusion_steps": 40,
+    "resblock_updown": True,
+    "use_scale_shift_norm": True,
+    "dropout": 0.1,
+}
+
+
+def write_pair(tmp_path, n=12, size=8, dim=6, seed=0, name="d"):
+    """Tiny images + features files in the extraction layout (issue 3); features[:, 1] = f(mirror)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    proj = rng.standard_normal((size * size * 3, dim)).astype(np.float32)
+    feats = np.stack(
+        [images.reshape(n, -1) @ proj / 1e3, images[:, :, ::-1].reshape(n, -1) @ proj / 1e3], axis=1
+    ).astype(np.float32)
+    paths = [f"img{i:03d}.png" for i in range(n)]
+    digest = h5schema.PathsDigest()
+    digest.update(paths)
+    common = {"format_version": h5schema.FORMAT_VERSION, "num_images": n, "paths_sha256": digest.hexdigest(),
+              "num_bad": 0, "complete": True}  # fmt: skip
+    img_path, feat_path = tmp_path / f"{name}_images.h5", tmp_path / f"{name}_features.h5"
+    with h5py.File(img_path, "w") as h5:
+        h5.create_dataset("images", data=images)
+        h5.create_dataset("labels", data=np.arange(n, dtype=np.int64))
+        h5schema.write_strings(h5, "paths", paths)
+        h5schema.set_attrs(h5, {**common, "kind": "images", "image_size": size})
+    with h5py.File(feat_path, "w") as h5:
+        h5.create_dataset("features", data=feats)
+        h5schema.write_strings(h5, "paths", paths)
+        h5schema.set_attrs(h5, {**common, "kind": "features", "dim": dim, "encoder": "toy", "layer": "trunk",
+                                "images_file": img_path.name})  # fmt: skip
+    return img_path, feat_path, images, feats
+
+
+def make_cfg(tmp_path, img, feat, **kw):
+    base = dict(images=str(img), features=str(feat), out=str(tmp_path / "run"), model_flags=dict(FLAGS),
+                steps=20, batch_size=4, save_interval=10, log_interval=5, workers=0, seed=3,
+                ema_rates=[0.9, 0.99], deterministic=True, progress=False)  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return write_pair(tmp_path_factory.mktemp("data"))
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_dataset_flip_selects_mirrored_feature_and_image(pair):
+    img, feat, images, feats = pair
+    ds = H5PairDataset(img, feat)
+    assert (ds.num_images, ds.image_size, ds.feature_dim) == (12, 8, 6)
+    x, f = ds[(np.array([5, 2, 9]), np.array([True, False, True]))]
+    assert x.dtype == torch.uint8 and x.shape == (3, 8, 8, 3)
+    np.testing.assert_array_equal(x[0].numpy(), images[5, :, ::-1])
+    np.testing.assert_array_equal(x[1].numpy(), images[2])
+    np.testing.assert_array_equal(f.numpy(), feats[[5, 2, 9], [1, 0, 1]])
+    # the handle opens lazily, and never crosses a pickle (DataLoader workers open their own after fork)
+    assert ds._handles is not None
+    import pickle
+
+    assert pickle.loads(pickle.dumps(ds))._handles is None
+    ds.close()
+
+
+def test_to_model_images_range_and_layout():
+    u8 = torch.tensor([0, 255, 128], dtype=torch.uint8).view(1, 1, 1, 3).expand(1, 1, 3, 3).contiguous()
+    x = to_model_images(u8, "cpu")
+    assert x.shape == (1, 3, 1, 3) and x.is_contiguous()
+    torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([-1.0, 1.0, 128 / 127.5 - 1]))
+    assert to_model_images(u8, "cpu", channels_last=True).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_step_sampler_order_is_rank_invariant_and_epoch_seeded():
+    one = StepBatchSampler(10, 4, seed=1)
+    halves = [StepBatchSampler(10, 4, seed=1, rank=r, world_size=2) for r in range(2)]
+    for step in range(6):  # 2 steps per epoch: crosses epochs
+        idx, fl = one.batch_for_step(step)
+        parts = [h.batch_for_step(step) for h in halves]
+        np.testing.assert_array_equal(idx, np.concatenate([p[0] for p in parts]))
+        np.testing.assert_array_equal(fl, np.concatenate([p[1] for p in parts]))
+    epoch0 = np.concatenate([one.batch_for_step(s)[0] for s in range(2)])
+    assert len(set(epoch0)) == 8  # no repeats inside an epoch
+    assert not np.array_equal(one.batch_for_step(0)[0], one.batch_for_step(2)[0])
+    resumed = list(StepBatchSampler(10, 4, seed=1, start_step=3, stop_step=5))
+    np.testing.assert_array_equal(resumed[0][0], one.batch_for_step(3)[0])
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        StepBatchSampler(3, 4)
+
+
+# ------------------------------------------------------------------------------------------ training
+def _weights(trainer):
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_resume_is_exact_and_exports_load(tmp_path, pair):
+    img, feat, _, _ = pair
+    straight = Trainer(make_cfg(tmp_path / "a", img, feat))
+    assert straight.train() == 0
+    final = _weights(straight)
+    ema_final = straight.ema.params[1]
+
+    cfg = make_cfg(tmp_path / "b", img, feat, steps=10)
+    assert Trainer(cfg).train() == 0
+    resumed = Trainer(make_cfg(tmp_path / "b", img, feat))  # new object, same folder: resumes at step 10
+    assert resumed.step == 10 and resumed.resumed_from.name == "ckpt_000010.pt"
+    assert resumed.train() == 0
+    for k, v in final.items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=0, atol=1e-6)
+    for a, b in zip(resumed.ema.params[1], ema_final):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    untrained = Trainer(make_cfg(tmp_path / "c", img, feat)).model.state_dict()  # same seed: same init
+    assert max((final[k] - v).abs().max() for k, v in untrained.items()) > 1e-3
+
+    out = tmp_path / "b" / "run"
+    ema = torch.load(out / "ema_0.99_final.pt", weights_only=True)
+    assert torch.equal(ema["out.2.weight"], resumed.ema.export(resumed.model, 0.99)["out.2.weight"])
+    assert (out / "ema_0.9_000020.pt").is_file() and (out / "model_000010.pt").is_file()
+    from rcdm.checkpoint import load_model
+    from rcdm.factory import create_model_from_flags
+
+    plain = create_model_from_flags(**{**FLAGS, "ssl_dim": 6})
+    plain.load_state_dict(ema, strict=True)
+    loaded, diffusion = load_model(out / "ema_0.99_final.pt", flags={**FLAGS, "ssl_dim": 6})
+    assert diffusion.num_timesteps == 40
+    assert json.loads((out / "train_summary.json").read_text())["step"] == 20
+    rows = list(csv.DictReader((out / "progress.csv").read_text().splitlines()))
+    assert [int(r["step"]) for r in rows] == [5, 10, 15, 20]  # no duplicate rows after the resume
+    for key in ("loss", "mse", "vb", "loss_q0", "vb_q3", "grad_norm", "data_wait_frac", "images_per_s"):
+        assert np.isfinite(float(rows[-1][key])), key
+    # loss = mse + vb, per quartile too (uniform weights)
+    r = rows[-1]
+    assert abs(float(r["loss"]) - float(r["mse"]) - float(r["vb"])) < 1e-4 * max(1, float(r["loss"]))
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("ckpt_*.pt"))
+    assert ckpts == ["ckpt_000010.pt", "ckpt_000020.pt"]
+    # rerunning a finished run is a no-op that keeps the outputs
+    assert Trainer(make_cfg(tmp_path / "b", img, feat)).train() == 0
+
+
+def test_microbatches_equal_full_batch(tmp_path, pair):
+    img, feat, _, _ = pair
+    kw = dict(steps=2, save_interval=100, model_flags={**FLAGS, "dropout": 0.0})
+    full = Trainer(make_cfg(tmp_path / "f", img, feat, **kw))
+    full.train()
+    micro = Trainer(make_cfg(tmp_path / "m", img, feat, microbatch=1, **kw))
+    micro.train()
+    for k, v in full.model.state_dict().items():
+        torch.testing.assert_close(micro.model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_corrupt_newest_checkpoint_is_skipped(tmp_path, pair):
+    img, feat, _, _ = pair
+    cfg = make_cfg(tmp_path, img, feat, steps=4, save_interval=2, keep=5)
+    Trainer(cfg).train()
+    ckpt_dir = cfg.checkpoint_dir
+    (ckpt_dir / "ckpt_000004.pt").write_bytes(b"\x80garbage")
+    (ckpt_dir / "ckpt_000006.pt").write_bytes((ckpt_dir / "ckpt_000002.pt").read_bytes()[:100])  # truncated
+    with pytest.warns(UserWarning, match="skipping checkpoint"):
+        path, state = find_resume_checkpoint(ckpt_dir)
+    assert path.name == "ckpt_000002.pt" and state["step"] == 2
+    with pytest.warns(UserWarning):
+        assert Trainer(make_cfg(tmp_path, img, feat, steps=4, save_interval=2)).step == 2
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, pair):
+    img, feat, _, _ = pair
+    cfg = make_cfg(tmp_path, img, feat, steps=6, save_interval=2, log_interval=100)
+    trainer = Trainer(cfg)
+    real_step = trainer.train_step
+
+    def poisoned(images, feats):
+        if trainer.step == 3:
+            feats = feats.clone()
+            feats[0, 0] = float("nan")
+        real_step(images, feats)
+
+    trainer.train_step = poisoned
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 4"):
+        trainer.train()
+    names = sorted(p.name for p in cfg.checkpoint_dir.glob("ckpt_*.pt"))
+    assert names == ["ckpt_000002.pt"]
+    state = torch.load(cfg.checkpoint_dir / names[0], weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (tmp_path / "run" / "train_summary.json").exists()
+
+
+def test_signal_saves_and_exits_with_requeue_code(tmp_path, pair):
+    img, feat, _, _ = pair
+    cfg = make_cfg(tmp_path, img, feat, steps=50, save_interval=100)
+    trainer = Trainer(cfg)
+    real_step = trainer.train_step
+
+    def step_then_signal(images, feats):
+        real_step(images, feats)
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    trainer.train_step = step_then_signal
+    assert threading.current_thread() is threading.main_thread()
+    assert trainer.train() == EXIT_PREEMPTED
+    assert [p.name for p in cfg.checkpoint_dir.glob("ckpt_*.pt")] == ["ckpt_000003.pt"]
+    assert not (tmp_path / "run" / "train_summary.json").exists()
+    assert signal.getsignal(signal.SIGUSR1) is not trainer._on_signal  # handler restored
+
+
+def test_time_budget_stops_cleanly_and_exports(tmp_path, pair):
+    img, feat, _, _ = pair
+    cfg = make_cfg(tmp_path, img, feat, steps=0, time_budget=1.5, ema_rates=[0.9999])
+    trainer = Trainer(cfg)
+    assert trainer.train() == 0
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["reason"] == "time_budget" and summary["step"] == trainer.step >= 1
+    assert (tmp_path / "run" / "ema_0.9999_final.pt").is_file()
+
+
+def test_bad_configuration_fails_before_compute(tmp_path, pair):
+    img, feat, _, _ = pair
+    with pytest.raises(FileNotFoundError, match="not found"):
+        Trainer(make_cfg(tmp_path, tmp_path / "missing.h5", feat))
+    with pytest.raises(TrainConfigError, match="ssl_dim=7"):
+        Trainer(make_cfg(tmp_path, img, feat, model_flags={**FLAGS, "ssl_dim": 7}))
+    with pytest.raises(TrainConfigError, match="image_size=16"):
+        Trainer(make_cfg(tmp_path, img, feat, model_flags={**FLAGS, "image_size": 16}))
+    with pytest.raises(TrainConfigError, match="multiple"):
+        Trainer(make_cfg(tmp_path, img, feat, batch_size=0))
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        Trainer(make_cfg(tmp_path, img, feat, batch_size=16))
+    other_img, other_feat, _, _ = write_pair(tmp_path, n=5, name="other")
+    with pytest.raises(h5schema.H5SchemaError, match="does not belong"):
+        Trainer(make_cfg(tmp_path, img, other_feat))
+    # resume with another architecture: clear error naming the flag
+    Trainer(make_cfg(tmp_path, img, feat, steps=1, save_interval=1)).train()
+    with pytest.raises(TrainConfigError, match="num_channels: 32 vs 64"):
+        Trainer(make_cfg(tmp_path, img, feat, model_flags={**FLAGS, "num_channels": 64}))
+    with pytest.raises(TrainConfigError, match="already holds checkpoints"):
+        Trainer(make_cfg(tmp_path, img, feat, resume="none"))
+
+
+def test_model_flags_parsing(tmp_path):
+    assert load_model_flags('{"num_channels": 64}') == {"num_channels": 64}
+    (tmp_path / "f.yaml").write_text("num_channels: 64\nlearn_sigma: true\n")
+    assert load_model_flags(str(tmp_path / "f.yaml")) == {"num_channels": 64, "learn_sigma": True}
+    with pytest.raises(TrainConfigError, match="not found"):
+        load_model_flags(str(tmp_path / "nope.yaml"))
+
+
+def test_cli_runs_and_reports_errors(tmp_path, pair):
+    img, feat, _, _ = pair
+    flags = json.dumps({**FLAGS, "dropout": 0.0})
+    base = [sys.executable, "-m", "rcdm", "train", "--images", str(img), "--features", str(feat),
+            "--out", str(tmp_path / "cli"), "--model-flags", flags, "--batch-size", "4", "--workers", "1",
+            "--log-interval", "1", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(base + ["--steps", "2", "--save-interval", "2", "--precision", "bf16",
+                                  "--channels-last", "--grad-clip", "1.0", "--warmup", "5",
+                                  "--schedule-sampler", "loss-second-moment"],
+                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader((tmp_path / "cli" / "progress.csv").read_text().splitlines()))
+    assert [float(r["lr"]) for r in rows] == pytest.approx([2e-5, 4e-5])  # warm-up
+    bad = subprocess.run(base + ["--steps", "2", "--model-flags", json.dumps({"ssl_dim": 3})],
+                         capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert bad.returncode == 1 and "ssl_dim=3" in bad.stderr
