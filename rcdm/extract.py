@@ -172,9 +172,9 @@ class _CropDataset(torch.utils.data.Dataset):
         item["label"] = self.source.label(i)
         item["factors"] = self.source.factors(i)
         if self.image_size:
-            item["image"] = np.ascontiguousarray(center_crop_arr(image, self.image_size))
+            item["image"] = center_crop_arr(image, self.image_size)
         if self.enc_size:
-            item["enc"] = np.ascontiguousarray(center_crop_arr(image, self.enc_size))
+            item["enc"] = center_crop_arr(image, self.enc_size)
         return item
 
 

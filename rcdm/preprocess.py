@@ -34,7 +34,7 @@ def center_crop_arr(pil_image: Image.Image, size: int) -> np.ndarray:
     arr = np.asarray(image)
     top = (arr.shape[0] - size) // 2
     left = (arr.shape[1] - size) // 2
-    return arr[top : top + size, left : left + size]
+    return np.array(arr[top : top + size, left : left + size])  # own, writable, contiguous copy
 
 
 def to_model_range(images: torch.Tensor | np.ndarray) -> torch.Tensor:
