@@ -31,25 +31,54 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(torch.is_tensor(v) for v in obj.values())
 
 
-def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Find the model state dict in a loaded object: raw, nested under a common key, or with a DDP prefix."""
+class _AmbiguousCheckpointError(ValueError):
+    """The container holds several candidate weight sets; guessing one would be wrong."""
+
+
+def _ema_state_dict(obj: Mapping[str, Any], source: str) -> dict[str, torch.Tensor]:
+    """The weights in a training checkpoint's EMA state (``{"rates", "names", "params"}``), if one rate."""
+    rates, names, params = obj.get("rates"), obj["names"], obj["params"]
+    if len(params) != 1:
+        raise _AmbiguousCheckpointError(
+            f"{source}: holds EMA weights for {len(params)} rates {rates}; load one of the exported "
+            "ema_<rate>_<tag>.pt files instead"
+        )
+    return dict(zip(names, params[0]))
+
+
+def _find_state_dict(obj: Any, source: str, depth: int) -> dict[str, torch.Tensor]:
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
-    seen = 0
-    while not _is_state_dict(obj):
-        if not isinstance(obj, Mapping) or seen > 3:
-            raise ValueError(f"{source}: no model state dict found (got {type(obj).__name__})")
-        key = next((k for k in CONTAINER_KEYS if k in obj), None)
-        if key is None:
-            raise ValueError(
-                f"{source}: a dict with keys {sorted(map(str, obj))[:10]} is neither a state dict nor a "
-                f"container with one of {', '.join(CONTAINER_KEYS)}"
-            )
-        obj = obj[key]
-        if isinstance(obj, torch.nn.Module):
-            obj = obj.state_dict()
-        seen += 1
-    sd = dict(obj)
+    if _is_state_dict(obj):
+        return dict(obj)
+    if not isinstance(obj, Mapping) or depth > 3:
+        raise ValueError(f"{source}: no model state dict found (got {type(obj).__name__})")
+    if isinstance(obj.get("names"), list) and isinstance(obj.get("params"), list):
+        return _ema_state_dict(obj, source)
+    errors = []
+    for key in (k for k in CONTAINER_KEYS if k in obj):
+        try:
+            return _find_state_dict(obj[key], f"{source}[{key!r}]", depth + 1)
+        except _AmbiguousCheckpointError:
+            raise
+        except ValueError as err:
+            errors.append(str(err))
+    if errors:
+        raise ValueError("; ".join(errors))
+    raise ValueError(
+        f"{source}: a dict with keys {sorted(map(str, obj))[:10]} is neither a state dict nor a "
+        f"container with one of {', '.join(CONTAINER_KEYS)}"
+    )
+
+
+def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Find the model state dict in a loaded object.
+
+    Accepted: a raw state dict; one nested under a common key (:data:`CONTAINER_KEYS`, EMA weights first);
+    a module; this project's training checkpoint (its EMA weights when it tracks a single rate). A DDP
+    ``module.`` or torch.compile ``_orig_mod.`` prefix is stripped.
+    """
+    sd = _find_state_dict(obj, source, 0)
     for prefix in ("module.", "_orig_mod."):
         if all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix) :]: v for k, v in sd.items()}

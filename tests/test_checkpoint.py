@@ -218,3 +218,30 @@ def test_load_model_fp16_checkpoint_and_use_fp16(tmp_path, golden):
         a = model(golden["x"], golden["t"], feat=golden["feat"])
         b = model16(golden["x"], golden["t"], feat=golden["feat"])
     assert ((a - b).abs().max() / a.abs().max()) < 2e-2
+
+
+def test_training_checkpoint_yields_its_ema_weights(tmp_path, golden):
+    from rcdm.ema import EMA
+
+    model = create_model_from_flags(**golden["flags"])
+    model.load_state_dict(golden["state_dict"])
+    ema = EMA(model, rates=(0.99,))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    state = {
+        "format": "rcdm-train-checkpoint",
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "step": 5,
+    }
+    path = tmp_path / "ckpt_000005.pt"
+    torch.save(state, path)
+    assert_same_state(load_state_dict(path), golden["state_dict"])  # the EMA, not the moved weights
+    state["ema"] = EMA(model, rates=(0.99, 0.9999)).state_dict()
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"2 rates \[0\.99, 0\.9999\].*ema_<rate>_<tag>\.pt"):
+        load_state_dict(path)
+    state["ema"] = {"unrelated": 1}
+    torch.save(state, path)
+    assert_same_state(load_state_dict(path), model.state_dict())
