@@ -292,14 +292,18 @@ def load_model(
 ) -> tuple[torch.nn.Module, Any]:
     """Load a checkpoint file into ``(model, diffusion)``; strict, model in eval mode on ``device``.
 
-    ``flags`` default to MODEL_FLAGS_128 (the published checkpoints) updated with what the file reveals
+    ``flags`` default to those a training checkpoint records, else to MODEL_FLAGS_128 (the published
+    checkpoints) updated with what the file reveals
     (ssl_dim, learn_sigma, num_channels, channel_mult, ...); ``overrides`` (e.g.
     ``timestep_respacing="ddim25"``, ``use_fp16=True``) win over both. A mismatch raises
     :class:`CheckpointMismatchError`.
     """
     from rcdm.factory import create_diffusion_from_flags, create_model_from_flags, resolve_flags
 
-    sd = load_state_dict(path, trust=trust)
+    raw = safe_torch_load(path, trust=trust)
+    sd = unwrap_state_dict(raw, source=str(path))
+    if flags is None and isinstance(raw, Mapping) and isinstance(raw.get("model_flags"), Mapping):
+        flags = raw["model_flags"]  # a training checkpoint records the flags it was built with
     full = resolve_flags(**flags_for_checkpoint(sd, flags, **overrides))
     # Built without allocating or initialising weights, then the checkpoint's tensors are adopted.
     with torch.device("meta"):

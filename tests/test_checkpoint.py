@@ -245,3 +245,15 @@ def test_training_checkpoint_yields_its_ema_weights(tmp_path, golden):
     state["ema"] = {"unrelated": 1}
     torch.save(state, path)
     assert_same_state(load_state_dict(path), model.state_dict())
+
+
+def test_load_model_uses_flags_recorded_in_a_training_checkpoint(tmp_path, golden):
+    from rcdm.factory import resolve_flags
+
+    path = tmp_path / "ckpt.pt"
+    state = {"model": golden["state_dict"], "model_flags": resolve_flags(**golden["flags"]), "step": 1}
+    torch.save(state, path)
+    model, _ = load_model(path)  # num_heads=2 comes from the recorded flags, not MODEL_FLAGS_128
+    with torch.inference_mode():
+        out = model(golden["x"], golden["t"], feat=golden["feat"])
+    torch.testing.assert_close(out, golden["model_out"], rtol=1e-4, atol=1e-5)
