@@ -29,7 +29,7 @@ from tqdm import tqdm
 from rcdm import h5schema as hs
 from rcdm.data import BAD_IMAGE_POLICIES, BadImageError, ImageSource, open_dataset
 from rcdm.io import atomic_path, sha256_file
-from rcdm.preprocess import CROP_METHOD, center_crop_arr, encoder_input
+from rcdm.preprocess import CROP_METHOD, INPUT_NORMS, center_crop_arr, encoder_input
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 IDENTITY_KEYS = (
     "kind", "dataset", "split", "selection_seed", "num_images_requested", "source_size",
     "shard", "num_shards", "shard_start", "shard_stop", "image_size",
-    "encoder", "layer", "checkpoint_sha256", "dtype",
+    "encoder", "layer", "checkpoint_sha256", "dtype", "input_norm_requested", "input_size_requested",
 )  # fmt: skip
 
 
@@ -68,6 +68,8 @@ class ExtractJob:
     num_shards: int = 1
     selection_seed: int = 0
     num_images_requested: int | None = None
+    input_norm: str | None = None  # override of the encoder's own input_norm (recorded; None: its default)
+    input_size: int | None = None  # override of the encoder's own input_size
 
     def __post_init__(self) -> None:
         if self.images_out is None and not self.features_out:
@@ -113,22 +115,47 @@ class ExtractJob:
                 "layer": layer,
                 "checkpoint_sha256": self.checkpoint_sha256,
                 "dtype": self.dtype,
+                "input_norm_requested": self.input_norm or "",
+                "input_size_requested": self.input_size or 0,
                 "images_file": "" if self.images_out is None else str(self.images_out),
             }
             outs.append(Output(hs.KIND_FEATURES, self._path(path), attrs, layer))
         return outs
 
 
+def _identity_diff(found: dict[str, Any], wanted: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
+    keys = sorted(k for k in wanted if k in IDENTITY_KEYS and k not in ignore and found.get(k) != wanted[k])
+    return ", ".join(f"{k}: file {found.get(k)!r} vs requested {wanted[k]!r}" for k in keys)
+
+
+def _merged_final(job: ExtractJob, out: Output) -> Path | None:
+    """For a shard, the final merged file that already contains it (parts may have been deleted), if any."""
+    if job.num_shards == 1:
+        return None
+    final = Path(job.images_out if out.kind == hs.KIND_IMAGES else job.features_out[out.layer])
+    if not final.exists():
+        return None
+    found = hs.check_file(final, deep=False)
+    if found.get("merged_parts") != job.num_shards or _identity_diff(found, out.attrs, hs.SHARD_ATTRS_ALL):
+        return None
+    return final
+
+
 def pending_outputs(job: ExtractJob) -> list[Output]:
     """The outputs of ``job`` still to write; finished ones with matching settings are skipped (logged).
 
-    An existing file made with other settings, or a broken one, raises ``FileExistsError`` naming the
+    A shard counts as finished when its part exists, or when the final file merged from all parts does. An
+    existing file made with other settings, or a broken one, raises ``FileExistsError`` naming the
     differences: delete it (or pick another name) to redo it.
     """
     todo = []
     for out in job.outputs():
         if not out.path.exists():
-            todo.append(out)
+            merged = _merged_final(job, out)
+            if merged is None:
+                todo.append(out)
+            else:
+                log.info("%s: already merged into %s, nothing to do for it", out.path, merged)
             continue
         try:
             found = hs.check_file(out.path, deep=False)
@@ -136,12 +163,9 @@ def pending_outputs(job: ExtractJob) -> list[Output]:
             raise FileExistsError(
                 f"{out.path} exists but is not a valid {out.kind} file ({err}); delete it"
             ) from err
-        diff = {
-            k: (found.get(k), v) for k, v in out.attrs.items() if k in IDENTITY_KEYS and found.get(k) != v
-        }
+        diff = _identity_diff(found, out.attrs)
         if diff:
-            details = ", ".join(f"{k}: file {a!r} vs requested {b!r}" for k, (a, b) in sorted(diff.items()))
-            raise FileExistsError(f"{out.path} exists with other settings ({details}); delete it to redo it")
+            raise FileExistsError(f"{out.path} exists with other settings ({diff}); delete it to redo it")
         log.info("%s is already complete (%d images): nothing to do for it", out.path, found["num_images"])
     return todo
 
@@ -247,7 +271,7 @@ class _FeatureSink:
         out = out if isinstance(out, Mapping) else {self.encoder.layer: out}
         host = {}
         for layer in self.layers:
-            f = out[layer].float().reshape(2, n, -1).transpose(0, 1).to(self.dtype)
+            f = out[layer].float().reshape(2, n, -1).transpose(0, 1).to(self.dtype).contiguous()
             host[layer] = f.to("cpu", non_blocking=True)
         event = None
         if self.device.type == "cuda":
@@ -507,6 +531,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     o.add_argument("--features-out", nargs="+", metavar="LAYER=PATH", help="e.g. trunk=T.h5 head=H.h5")
     o.add_argument("--dtype", choices=sorted(hs.FEATURE_DTYPES), default="float32")
+    o.add_argument("--input-norm", choices=INPUT_NORMS, help="override the encoder's input normalisation")
+    o.add_argument("--input-size", type=int, help="override the encoder's input resolution (224 published)")
     r = parser.add_argument_group("run")
     r.add_argument("--shard", type=int, default=0)
     r.add_argument("--num-shards", type=int, default=1)
@@ -540,14 +566,17 @@ def run(args: argparse.Namespace) -> int:
         num_shards=args.num_shards,
         selection_seed=args.seed,
         num_images_requested=args.num_images,
+        input_norm=args.input_norm,
+        input_size=args.input_size,
     )
 
     def factory(layers: list[str]) -> nn.Module:
         from rcdm import encoders
 
+        kw = dict(trust=args.trust_checkpoint, input_size=args.input_size, input_norm=args.input_norm)
         if len(layers) == 2:
-            return encoders.load_pair(args.encoder, args.checkpoint, trust=args.trust_checkpoint)
-        return encoders.load(args.encoder, args.checkpoint, layers[0], trust=args.trust_checkpoint)
+            return encoders.load_pair(args.encoder, args.checkpoint, **kw)
+        return encoders.load(args.encoder, args.checkpoint, layers[0], **kw)
 
     run_extraction(
         job,

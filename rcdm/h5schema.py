@@ -45,6 +45,8 @@ CATEGORIES = "categories"
 FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16}
 #: attributes that differ between the shards of one output (everything else must agree to merge)
 SHARD_ATTRS = ("shard", "num_shards", "shard_start", "shard_stop", "num_images", "paths_sha256", "num_bad")
+#: ... plus the bookkeeping a merge adds
+SHARD_ATTRS_ALL = (*SHARD_ATTRS, "merged_parts", "complete")
 STR = h5py.string_dtype("utf-8")
 CHUNK_BYTES = 1 << 17  # ~128 KiB chunks: a random row read stays cheap, the chunk index stays small
 

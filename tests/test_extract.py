@@ -334,3 +334,10 @@ def test_cli_sharded_extract_with_custom_encoder_then_merge(tmp_path, monkeypatc
             atol=1e-5,
         )
     assert sorted(os.listdir(tmp_path)) == ["h.h5", "img.h5", "t.h5"]
+    assert cli_main([*common, "--shard", "0"]) == 0  # merged already: shard reruns are no-ops too
+    assert sorted(os.listdir(tmp_path)) == ["h.h5", "img.h5", "t.h5"]
+    unsharded = list(common)
+    unsharded[unsharded.index("--num-shards") + 1] = "1"
+    assert cli_main(unsharded) == 0  # the merged files are what an unsharded run makes
+    with pytest.raises(FileExistsError, match="input_norm_requested"):
+        cli_main([*unsharded, "--input-norm", "imagenet"])
