@@ -213,7 +213,8 @@ def validate_checkpoint(state: Any, path: Path) -> dict[str, Any]:
     """``state`` if it is a complete resumable checkpoint, else ValueError naming ``path``."""
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an rcdm training checkpoint")
-    missing = [k for k in ("step", "model", "ema", "optimizer", "model_flags", "complete") if k not in state]
+    required = ("step", "model", "ema_state", "optimizer", "model_flags", "complete")
+    missing = [k for k in required if k not in state]
     if missing or not state["complete"]:
         raise ValueError(f"{path}: incomplete checkpoint (missing {missing})")
     return state
@@ -398,7 +399,7 @@ class Trainer:
         check_state_dict(self.model, state["model"], self.flags, source=str(path))
         self.model.load_state_dict(state["model"], strict=True)
         self.opt.load_state_dict(state["optimizer"])
-        self.ema.load_state_dict(state["ema"])
+        self.ema.load_state_dict(state["ema_state"])
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         if state.get("sampler"):
@@ -579,7 +580,9 @@ class Trainer:
             "version": CHECKPOINT_VERSION,
             "step": self.step,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "ema": self.ema.state_dict(),
+            # "ema": the first rate as a plain state dict, so model loaders (rcdm.checkpoint) read this file
+            "ema": self.ema.export(self.model, self.ema.rates[0]),
+            "ema_state": self.ema.state_dict(),
             "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "sampler": self.sampler.state_dict(),

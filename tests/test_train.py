@@ -156,6 +156,9 @@ def test_resume_is_exact_and_exports_load(tmp_path, pair):
     plain.load_state_dict(ema, strict=True)
     loaded, diffusion = load_model(out / "ema_0.99_final.pt", flags={**FLAGS, "ssl_dim": 6})
     assert diffusion.num_timesteps == 40
+    from_ckpt, _ = load_model(out / "checkpoints" / "ckpt_000020.pt")  # flags recorded in the checkpoint
+    first_rate = resumed.ema.export(resumed.model, 0.9)
+    assert torch.equal(from_ckpt.state_dict()["out.2.weight"], first_rate["out.2.weight"])
     assert json.loads((out / "train_summary.json").read_text())["step"] == 20
     rows = list(csv.DictReader((out / "progress.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows] == [5, 10, 15, 20]  # no duplicate rows after the resume
