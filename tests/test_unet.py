@@ -269,3 +269,15 @@ def test_bf16_autocast_stays_close_to_fp32():
     assert out.dtype == torch.bfloat16
     rel = (out.float() - ref).abs().max() / ref.abs().max()
     assert 0 < rel < 3e-2, rel
+
+
+def test_forward_traces_without_graph_breaks():
+    """No host syncs or Python-side data dependence in forward: torch.compile sees one graph."""
+    import torch._dynamo as dynamo
+
+    model = tiny_model().eval()
+    x, t, feat = tiny_inputs()
+    dynamo.reset()
+    explanation = dynamo.explain(model)(x, t, feat=feat)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
