@@ -62,7 +62,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode_image(path: str | os.PathLike) -> Image.Image:
-    """Read an image file fully into an RGB PIL image; raise ``BadImageError`` saying why it cannot be."""
+    """Read an image file fully into an RGB PIL image; raise ``BadImageError`` saying why it cannot be.
+
+    EXIF orientation is not applied, like the published data loaders (so crops match theirs).
+    """
     path = Path(path)
     try:
         if path.stat().st_size == 0:

@@ -341,3 +341,26 @@ def test_cli_sharded_extract_with_custom_encoder_then_merge(tmp_path, monkeypatc
     assert cli_main(unsharded) == 0  # the merged files are what an unsharded run makes
     with pytest.raises(FileExistsError, match="input_norm_requested"):
         cli_main([*unsharded, "--input-norm", "imagenet"])
+
+
+def test_cli_with_the_small_encoder_checkpoint(tmp_path):
+    from rcdm import encoders
+    from rcdm.io import sha256_file
+
+    arch = {"widths": [4, 8], "blocks": 1, "stem_stride": 1, "head_dims": [8, 5]}
+    trunk, head = encoders.build_small(arch)
+    ckpt = tmp_path / "small.pt"
+    torch.save({"format": encoders.SMALL_FORMAT, "arch": arch, "trunk": trunk.state_dict(),
+                "head": head.state_dict(), "input_size": 16, "input_norm": "none"}, ckpt)  # fmt: skip
+    args = ["extract", "--dataset", "shapes", "--split", "val", "--num-images", "5", "--native-size", "24",
+            "--encoder", "small", "--checkpoint", str(ckpt), "--features-out", f"trunk={tmp_path / 't.h5'}",
+            f"head={tmp_path / 'h.h5'}", "--workers", "0", "--no-progress", "--device", "cpu"]  # fmt: skip
+    assert cli_main(args) == 0
+    enc = encoders.load("small", ckpt, "head")
+    source = open_dataset("shapes", "val", num_images=5, native_size=24)
+    x = encoder_input(torch.from_numpy(center_crop_arr(source.load(4), 16))[None], "none")
+    with h5py.File(tmp_path / "h.h5") as h5:
+        assert h5.attrs["checkpoint_sha256"] == sha256_file(ckpt) and h5.attrs["dim"] == 5
+        assert h5.attrs["input_size"] == 16 and h5["features"].shape == (5, 2, 5)
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(h5["features"][4, 1]), enc(x.flip(-1))[0])
