@@ -290,10 +290,11 @@ class GaussianDiffusion:
                 "fixed_large_variance": fixed_large,
                 "fixed_large_log_variance": np.log(fixed_large),
             }
-            tables = {
-                k: torch.from_numpy(v).to(device=device, dtype=torch.float32) for k, v in arrays.items()
-            }
-            tables["timestep_map"] = torch.tensor(self.timestep_map, dtype=torch.long, device=device)
+            with torch.inference_mode(False):  # normal tensors: autograd may use them after a sampling run
+                tables = {
+                    k: torch.from_numpy(v).to(device=device, dtype=torch.float32) for k, v in arrays.items()
+                }
+                tables["timestep_map"] = torch.tensor(self.timestep_map, dtype=torch.long, device=device)
             self._device_tables[device] = tables
         return tables
 
@@ -455,10 +456,12 @@ class GaussianDiffusion:
         t: Tensor,
         clip_denoised: bool = True,
         denoised_fn: DenoisedFn = None,
+        cond_fn: None = None,
         model_kwargs: dict | None = None,
         generators: Sequence[torch.Generator] | None = None,
     ) -> dict[str, Tensor]:
         """One ancestral (DDPM) step x_t -> x_{t-1}: dict of "sample" and "pred_xstart"."""
+        _refuse_cond_fn(cond_fn)
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         noise = randn_per_sample(x.shape, generators, x.device, x.dtype)
         nonzero = (t != 0).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))  # no noise at the last step
@@ -472,11 +475,13 @@ class GaussianDiffusion:
         t: Tensor,
         clip_denoised: bool = True,
         denoised_fn: DenoisedFn = None,
+        cond_fn: None = None,
         model_kwargs: dict | None = None,
         eta: float = 0.0,
         generators: Sequence[torch.Generator] | None = None,
     ) -> dict[str, Tensor]:
         """One DDIM step (Song et al. eq. 12) x_t -> x_{t-1}; ``eta`` = 0 is deterministic."""
+        _refuse_cond_fn(cond_fn)
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         n = x.ndim
@@ -571,12 +576,14 @@ class GaussianDiffusion:
         noise: Tensor | None = None,
         clip_denoised: bool = True,
         denoised_fn: DenoisedFn = None,
+        cond_fn: None = None,
         model_kwargs: dict | None = None,
         device: torch.device | str | None = None,
         progress: bool = False,
         generators: Sequence[torch.Generator] | None = None,
     ) -> Iterator[dict[str, Tensor]]:
         """Yield p_sample's output at every timestep of ancestral sampling from x_T (``noise``) to x_0."""
+        _refuse_cond_fn(cond_fn)
         return self._loop(
             self.p_sample, model, shape, noise, device, progress, generators, "ddpm",
             clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs,
@@ -589,6 +596,7 @@ class GaussianDiffusion:
         noise: Tensor | None = None,
         clip_denoised: bool = True,
         denoised_fn: DenoisedFn = None,
+        cond_fn: None = None,
         model_kwargs: dict | None = None,
         device: torch.device | str | None = None,
         progress: bool = False,
@@ -597,9 +605,11 @@ class GaussianDiffusion:
         """Ancestral (DDPM) samples of ``shape``; ``generators`` gives per-element reproducible noise."""
         return self._last(
             self.p_sample_loop_progressive(
-                model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, generators
+                model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress,
+                generators=generators,
             )
-        )
+        )  # fmt: skip
 
     def ddim_sample_loop_progressive(
         self,
@@ -608,6 +618,7 @@ class GaussianDiffusion:
         noise: Tensor | None = None,
         clip_denoised: bool = True,
         denoised_fn: DenoisedFn = None,
+        cond_fn: None = None,
         model_kwargs: dict | None = None,
         device: torch.device | str | None = None,
         progress: bool = False,
@@ -615,6 +626,7 @@ class GaussianDiffusion:
         generators: Sequence[torch.Generator] | None = None,
     ) -> Iterator[dict[str, Tensor]]:
         """Yield ddim_sample's output at every timestep of DDIM sampling."""
+        _refuse_cond_fn(cond_fn)
         return self._loop(
             self.ddim_sample, model, shape, noise, device, progress, generators, "ddim",
             clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs, eta=eta,
@@ -627,6 +639,7 @@ class GaussianDiffusion:
         noise: Tensor | None = None,
         clip_denoised: bool = True,
         denoised_fn: DenoisedFn = None,
+        cond_fn: None = None,
         model_kwargs: dict | None = None,
         device: torch.device | str | None = None,
         progress: bool = False,
@@ -636,18 +649,11 @@ class GaussianDiffusion:
         """DDIM samples of ``shape`` over this diffusion's timesteps (respace with "ddimN" for few steps)."""
         return self._last(
             self.ddim_sample_loop_progressive(
-                model,
-                shape,
-                noise,
-                clip_denoised,
-                denoised_fn,
-                model_kwargs,
-                device,
-                progress,
-                eta,
-                generators,
+                model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress, eta=eta,
+                generators=generators,
             )
-        )
+        )  # fmt: skip
 
     # ---- losses ----------------------------------------------------------------------------------
     def _vb_terms_bpd(
@@ -763,6 +769,15 @@ class SpacedDiffusion(GaussianDiffusion):
         self.original_num_steps = len(base_betas)
         self.original_betas = base_betas
         super().__init__(betas=np.array(new_betas), **kwargs)
+
+
+def _refuse_cond_fn(cond_fn: object) -> None:
+    # Kept in the signatures so positional calls written for guided-diffusion still line up.
+    if cond_fn is not None:
+        raise NotImplementedError(
+            "cond_fn (classifier guidance) is not supported: RCDM conditions on the representation through "
+            "model_kwargs={'feat': ...}, and sampling runs under torch.inference_mode (no gradients)"
+        )
 
 
 def infer_device(model: Model, noise: Tensor | None = None) -> torch.device:

@@ -289,3 +289,19 @@ def test_spaced_diffusion_is_a_gaussian_diffusion_subclass():
 def test_invalid_betas_are_reported():
     with pytest.raises(ValueError, match=r"range \[0.01, 2\]"):
         create_gaussian_diffusion(steps=10)
+
+
+def test_training_after_sampling_and_published_positional_calls():
+    """Tables first built inside inference_mode stay usable by autograd; guided-diffusion call order works."""
+    d = create_gaussian_diffusion(steps=100, learn_sigma=True)
+    weight = torch.ones(1, requires_grad=True)
+    model = lambda x, t, **k: torch.cat([x * weight, torch.tanh(x * weight)], 1)  # noqa: E731
+    # published positional order: model, shape, noise, clip_denoised, denoised_fn, cond_fn, model_kwargs
+    noise = torch.randn(2, 3, 4, 4)
+    x = d.ddim_sample_loop(model, (2, 3, 4, 4), noise, True, None, None, {})
+    assert x.shape == (2, 3, 4, 4) and torch.isfinite(x).all()
+    loss = d.training_losses(model, x, torch.tensor([0, 50]))["loss"].sum()
+    loss.backward()
+    assert weight.grad is not None and torch.isfinite(weight.grad).all()
+    with pytest.raises(NotImplementedError, match="cond_fn"):
+        d.p_sample_loop(model, (2, 3, 4, 4), cond_fn=lambda x, t: x)
