@@ -288,3 +288,81 @@ def parse_part_path(path: str | os.PathLike) -> tuple[Path, int, int] | None:
     if m is None:
         return None
     return path.with_name(m["stem"] + m["suffix"]), int(m["shard"]), int(m["num"])
+
+
+# ------------------------------------------------------------------------------------ small in-memory writers
+
+
+def _write_small(path, kind: str, arrays: Mapping[str, Any], paths: Sequence[str], attrs: Mapping[str, Any]):
+    from rcdm.io import atomic_path
+
+    digest = PathsDigest()
+    digest.update(paths)
+    with atomic_path(path, suffix=".h5.tmp") as tmp, h5py.File(shareable(tmp), "w") as h5:
+        for name, value in arrays.items():
+            h5.create_dataset(name, data=value)
+        write_strings(h5, PATHS, paths)
+        write_strings(h5, BAD_PATHS, [])
+        set_attrs(h5, {"num_bad": 0, **attrs})
+        set_attrs(h5, {"kind": kind, "format_version": FORMAT_VERSION, "num_images": len(paths),
+                       "paths_sha256": digest.hexdigest()})  # fmt: skip
+        h5.attrs["complete"] = True
+
+
+def write_images_file(
+    path: str | os.PathLike,
+    images: np.ndarray,
+    labels: np.ndarray | None = None,
+    paths: Sequence[str] | None = None,
+    factors: Mapping[str, np.ndarray] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> None:
+    """Write a complete images file from in-memory uint8 ``images`` [N, S, S, 3] (tests, small sets).
+
+    Defaults: labels -1, paths ``"0"``, ``"1"``, ...; ``attrs`` adds or overrides attributes.
+    """
+    images = np.asarray(images)
+    if (
+        images.dtype != np.uint8
+        or images.ndim != 4
+        or images.shape[1] != images.shape[2]
+        or images.shape[3] != 3
+    ):
+        raise ValueError(f"images must be uint8 [N, S, S, 3], got {images.dtype} {images.shape}")
+    n = len(images)
+    labels = np.full(n, -1, np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+    paths = [str(i) for i in range(n)] if paths is None else list(paths)
+    if len(labels) != n or len(paths) != n:
+        raise ValueError(f"{n} images but {len(labels)} labels and {len(paths)} paths")
+    arrays = {IMAGES: images, LABELS: labels} | {
+        f"{FACTORS}/{k}": np.asarray(v) for k, v in (factors or {}).items()
+    }
+    base = {"image_size": images.shape[1], "dataset": "", "split": "", "crop_method": ""}
+    _write_small(path, KIND_IMAGES, arrays, paths, base | dict(attrs or {}))
+
+
+def write_features_file(
+    path: str | os.PathLike,
+    features: np.ndarray,
+    paths: Sequence[str] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> None:
+    """Write a complete features file from in-memory ``features`` [N, 2, D] (float32 or float16).
+
+    Use the ``paths`` of the matching images file (default ``"0"``, ``"1"``, ...) so the two pair up.
+    """
+    features = np.asarray(features)
+    if features.dtype not in (np.float32, np.float16) or features.ndim != 3 or features.shape[1] != 2:
+        raise ValueError(f"features must be float32/float16 [N, 2, D], got {features.dtype} {features.shape}")
+    paths = [str(i) for i in range(len(features))] if paths is None else list(paths)
+    if len(paths) != len(features):
+        raise ValueError(f"{len(features)} feature rows but {len(paths)} paths")
+    base = {
+        "dim": features.shape[2],
+        "encoder": "",
+        "layer": "",
+        "input_norm": "none",
+        "dataset": "",
+        "split": "",
+    }
+    _write_small(path, KIND_FEATURES, {FEATURES: features}, paths, base | dict(attrs or {}))

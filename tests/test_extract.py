@@ -364,3 +364,45 @@ def test_cli_with_the_small_encoder_checkpoint(tmp_path):
         assert h5.attrs["input_size"] == 16 and h5["features"].shape == (5, 2, 5)
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(h5["features"][4, 1]), enc(x.flip(-1))[0])
+
+
+def test_schema_writers_and_checks_name_each_problem(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    hs.write_images_file(tmp_path / "i.h5", images, labels=[0, 1, 1, 0], paths=list("abcd"))
+    feats = rng.standard_normal((4, 2, 3)).astype(np.float32)
+    hs.write_features_file(tmp_path / "f.h5", feats, paths=list("abcd"), attrs={"encoder": "x"})
+    attrs = hs.check_features_file(tmp_path / "f.h5", tmp_path / "i.h5")
+    assert attrs["dim"] == 3 and attrs["num_images"] == 4 and attrs["encoder"] == "x"
+    assert hs.check_images_file(tmp_path / "i.h5")["image_size"] == 8
+
+    hs.write_features_file(tmp_path / "other.h5", feats, paths=list("abce"))
+    with pytest.raises(hs.H5SchemaError, match="does not belong"):
+        hs.check_features_file(tmp_path / "other.h5", tmp_path / "i.h5")
+    with pytest.raises(FileNotFoundError, match="nope.h5"):
+        hs.check_images_file(tmp_path / "nope.h5")
+    (tmp_path / "junk.h5").write_text("not hdf5")
+    with pytest.raises(hs.H5SchemaError, match="not a readable HDF5"):
+        hs.check_images_file(tmp_path / "junk.h5")
+    with pytest.raises(hs.H5SchemaError, match="kind"):
+        hs.check_images_file(tmp_path / "f.h5")
+
+    def broken(name, edit):
+        path = tmp_path / name
+        hs.write_features_file(path, feats, paths=list("abcd"))
+        with h5py.File(path, "r+") as h5:
+            edit(h5)
+        return path
+
+    with pytest.raises(hs.H5SchemaError, match="NaN"):
+        hs.check_features_file(broken("nan.h5", lambda h5: h5["features"].__setitem__((2, 1, 0), np.nan)))
+    with pytest.raises(hs.H5SchemaError, match="complete"):
+        hs.check_features_file(broken("inc.h5", lambda h5: h5.attrs.__setitem__("complete", False)))
+    with pytest.raises(hs.H5SchemaError, match="missing dataset 'features'"):
+        hs.check_features_file(broken("miss.h5", lambda h5: h5.__delitem__("features")))
+    with pytest.raises(hs.H5SchemaError, match="paths_sha256"):
+        hs.check_features_file(broken("sha.h5", lambda h5: h5["paths"].__setitem__(0, "z")))
+    with pytest.raises(ValueError, match="uint8"):
+        hs.write_images_file(tmp_path / "bad.h5", images.astype(np.float32))
+    assert hs.parse_part_path(hs.part_path(tmp_path / "x.h5", 3, 12)) == (tmp_path / "x.h5", 3, 12)
+    assert [hs.shard_range(10, i, 3) for i in range(3)] == [(0, 3), (3, 6), (6, 10)]
