@@ -1,0 +1,377 @@
+"""The studies (`rcdm study NAME`): their maths on closed-form cases, and each study end to end on a tiny
+random RCDM model, a tiny `small` encoder and a few 16 px shapes images written by the real `rcdm extract`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rcdm.cli import main
+from rcdm.studies import adversarial, augment, common, interpolate, manipulate, probe
+
+SIZE = 16
+N_IMAGES = 6
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """Encoder, trunk and head RCDM checkpoints (random weights), images and features files, a probe."""
+    from rcdm.encoders import SMALL_FORMAT, build_small
+    from rcdm.factory import create_model_and_diffusion
+
+    root = tmp_path_factory.mktemp("study_assets")
+    torch.manual_seed(0)
+    arch = {"widths": [8, 16], "blocks": 1, "stem_stride": 1, "head_dims": [16, 8]}
+    trunk, head = build_small(arch)
+    enc = root / "enc.pt"
+    torch.save(
+        {
+            "format": SMALL_FORMAT,
+            "arch": arch,
+            "trunk": trunk.state_dict(),
+            "head": head.state_dict(),
+            "input_size": SIZE,
+        },
+        enc,
+    )
+    paths = {"enc": enc, "root": root}
+    for layer, dim, seed in (("trunk", 16, 1), ("head", 8, 2)):
+        flags = dict(
+            image_size=SIZE,
+            num_channels=32,
+            num_res_blocks=1,
+            channel_mult="1,2",
+            attention_resolutions="8",
+            num_heads=1,
+            learn_sigma=True,
+            diffusion_steps=100,
+            ssl_dim=dim,
+        )
+        model, _ = create_model_and_diffusion(**flags)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # ADM zero-initialises output layers: randomise all so conditioning matters
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+        paths[f"rcdm_{layer}"] = root / f"rcdm_{layer}.pt"
+        torch.save(model.state_dict(), paths[f"rcdm_{layer}"])
+        paths[f"flags_{layer}"] = root / f"flags_{layer}.json"
+        paths[f"flags_{layer}"].write_text(json.dumps(flags))
+    for name in ("images", "trunk", "head"):
+        paths[name] = root / f"{name}.h5"
+    main(
+        ["extract", "--dataset", "shapes", "--split", "val", "--num-images", str(N_IMAGES), "--native-size",
+         str(SIZE), "--image-size", str(SIZE), "--images-out", str(paths["images"]), "--encoder", "small",
+         "--checkpoint", str(enc), "--features-out", f"trunk={paths['trunk']}", f"head={paths['head']}",
+         "--workers", "0", "--device", "cpu", "--no-progress"]
+    )  # fmt: skip
+    probe_dir = root / "probe"
+    main(
+        ["study", "probe", "--dataset", "shapes", "--num-images", "300", "--image-size", str(SIZE),
+         "--epochs", "1", "--width", "8", "--out", str(probe_dir), "--no-progress"]
+    )  # fmt: skip
+    paths["probe"] = probe_dir / "probe.pt"
+    return paths
+
+
+def _common(a: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [
+        "--checkpoint", str(a["rcdm_trunk"]), "--model-flags", str(a["flags_trunk"]), "--encoder", "small",
+        "--encoder-checkpoint", str(a["enc"]), "--images", str(a["images"]), "--features", str(a["trunk"]),
+        "--sampler", "ddim", "--steps", "4", "--no-progress", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _check_png(path: Path) -> None:
+    with Image.open(path) as im:
+        assert im.mode == "RGB" and im.width > 64 and im.height > 64
+
+
+def _context(a: dict[str, Path], tmp_path: Path, *extra: str) -> common.StudyContext:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    interpolate.add_arguments(parser)
+    args = parser.parse_args(_common(a, tmp_path, *extra))
+    return common.StudyContext.from_args(args)
+
+
+# ------------------------------------------------------------------------------------------ closed forms
+
+
+def test_lerp_and_slerp_closed_form():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    t = torch.tensor([0.0, 0.5, 1.0])
+    lin = interpolate.lerp(a, b, t)
+    assert torch.equal(lin[0], a) and torch.equal(lin[2], b)
+    assert torch.allclose(lin[1], torch.tensor([0.5, 1.0]))
+    sph = interpolate.slerp(a, b, t)
+    assert torch.equal(sph[0], a) and torch.equal(sph[2], b)
+    # halfway: direction at 45 degrees, norm halfway between 1 and 2
+    assert torch.allclose(sph[1], 1.5 * torch.tensor([1.0, 1.0]) / math.sqrt(2), atol=1e-6)
+    # the angle grows linearly with t along the great circle
+    ts = torch.linspace(0, 1, 7)
+    path = interpolate.slerp(a, b, ts)
+    angles = torch.atan2(path[:, 1], path[:, 0])
+    assert torch.allclose(angles, ts * math.pi / 2, atol=1e-5)
+    # parallel vectors fall back without NaN
+    assert torch.isfinite(interpolate.slerp(a, 3 * a, t)).all()
+
+
+def test_nearest_neighbours_equal_brute_force(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    db = torch.randn(1000, 12, generator=g)
+    q = torch.randn(5, 12, generator=g)
+    sims, idx = manipulate.nearest_neighbours(q, db, 7, block_size=64)
+    full = torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(db, dim=1).T
+    ref = torch.argsort(full, dim=1, descending=True)[:, :7]
+    assert torch.equal(idx, ref)
+    assert torch.allclose(sims, torch.gather(full, 1, ref), atol=1e-6)
+    # streamed from a features file in blocks: the same answer
+    path = tmp_path / "f.h5"
+    with h5py.File(path, "w") as f:
+        f["features"] = torch.stack([db, -db], 1).numpy()
+    s2, i2 = manipulate.nearest_neighbours(q, manipulate.h5_feature_blocks(path, block_size=100), 7)
+    assert torch.equal(i2, ref)
+    assert torch.allclose(s2, sims, atol=1e-6)
+    with pytest.raises(ValueError, match="only 1000 vectors"):
+        manipulate.nearest_neighbours(q, db, 1001)
+
+
+def test_shared_dimensions_and_manipulation():
+    neigh = torch.tensor([[1.0, 0.0, 2.0, 0.0], [3.0, 0.0, 0.5, 0.0], [1.0, 4.0, 0.0, 0.0]])
+    dims = manipulate.shared_dimensions(neigh, n_common=1)  # active in more than 1 of 3 neighbours
+    assert dims.tolist() == [0, 2]
+    assert manipulate.shared_dimensions(neigh, n_common=1, threshold=0.9).tolist() == [0]
+    feat, target = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([9.0, 8.0, 7.0, 6.0])
+    zeroed, replaced = manipulate.manipulate(feat, target, dims)
+    assert zeroed.tolist() == [0.0, 2.0, 0.0, 4.0]
+    assert replaced.tolist() == [9.0, 2.0, 7.0, 4.0]
+    assert feat.tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_augmentations():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 16, 16, generator=g)
+    assert torch.equal(augment.augment(augment.augment(x, "flip", 1.0), "flip", 1.0), x)
+    gray = augment.augment(x, "grayscale", 1.0)
+    assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
+    sol = augment.augment(x, "solarize", 1.0)
+    assert torch.equal(sol, torch.where(x >= 0.5, 1 - x, x))
+    assert torch.equal(augment.augment(x, "solarize", 0.5), torch.where(x >= 0.75, 1 - x, x))
+    for name in augment.AUGMENTATIONS:
+        for s in (0.5, 1.0):
+            y1 = augment.augment(x, name, s, torch.Generator().manual_seed(3))
+            y2 = augment.augment(x, name, s, torch.Generator().manual_seed(3))
+            assert y1.shape == x.shape and torch.equal(y1, y2), name
+            assert float(y1.min()) >= 0 and float(y1.max()) <= 1, name
+            assert not torch.allclose(y1, x), name
+    # blur smooths: lower total variation, same mean (reflect padding)
+    blur = augment.augment(x, "blur", 1.0)
+    assert (blur.diff(dim=-1).abs().mean() < 0.5 * x.diff(dim=-1).abs().mean()).item()
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        augment.augment(x, "warp", 1.0)
+
+
+def test_pgd_stays_in_ball_and_moves_representation(assets):
+    from rcdm.encoders import load
+
+    enc = load("small", assets["enc"], "trunk")
+    with h5py.File(assets["images"]) as f:
+        x = common.to_unit(f["images"][:4])
+    eps = 4 / 255
+    forward = lambda z: common.encoder_forward(enc, z)  # noqa: E731
+    adv = adversarial.pgd_linf(forward, x, eps, steps=10, generator=torch.Generator().manual_seed(0))
+    assert float((adv - x).abs().max()) <= eps + 1e-6
+    assert float(adv.min()) >= 0 and float(adv.max()) <= 1
+    rnd = adversarial.random_sign(x, eps, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        f0, fa, fr = forward(x), forward(adv), forward(rnd)
+    d_adv, d_rnd = common.cosine_distance(fa, f0), common.cosine_distance(fr, f0)
+    assert (d_adv > 0).all() and (d_adv > 2 * d_rnd).all()
+    assert not any(p.grad is not None for p in enc.parameters())
+
+
+def test_probe_learns_factors_above_chance(tmp_path):
+    from rcdm.preprocess import center_crop_arr
+    from rcdm.shapes import ShapesSource
+
+    src = ShapesSource("train", 700, seed=0, size=SIZE)
+    images = np.stack([center_crop_arr(src.load(i), SIZE) for i in range(len(src))])
+    factors = {k: np.asarray([src.factors(i)[k] for i in range(len(src))]) for k in ("kind", "colour", "x")}
+    names = common.factor_names_of(src)
+    torch.manual_seed(0)
+    net, report = probe.train_probe(
+        images,
+        factors,
+        names,
+        which=("kind", "colour", "x"),
+        epochs=6,
+        width=16,
+        val_fraction=0.2,
+        progress=False,
+    )
+    acc = {r["factor"]: r for r in report}
+    assert acc["colour"]["val_accuracy"] > acc["colour"]["chance"] + 0.3
+    assert acc["kind"]["val_accuracy"] > acc["kind"]["chance"]  # the hardest factor at 16 px
+    assert acc["x"]["classes"] == 3 and acc["x"]["val_accuracy"] > 1 / 3 + 0.2
+    # round trip through the weights-only file; keep_fractions on the images themselves = accuracy
+    probe.save_probe(net, tmp_path / "p.pt", report)
+    loaded = probe.load_probe(tmp_path / "p.pt")
+    x = common.to_unit(images[-140:])
+    pred_a, pred_b = probe.predict(net, x), probe.predict(loaded, x)
+    assert all(torch.equal(pred_a[k], pred_b[k]) for k in pred_a)
+    keep = probe.keep_fractions(loaded, x[:, None], {k: v[-140:] for k, v in factors.items()})
+    assert math.isclose(float(keep["colour"].float().mean()), acc["colour"]["val_accuracy"], abs_tol=1e-6)
+    with pytest.raises(ValueError, match="not a factor probe"):
+        torch.save({"format": "other"}, tmp_path / "bad.pt")
+        probe.load_probe(tmp_path / "bad.pt")
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_conditioned_and_resume(assets, tmp_path):
+    out = tmp_path / "cond"
+    assert main(["study", "conditioned", *_common(assets, out, "--num-images", "3", "--samples", "2")]) == 0
+    _check_png(out / "conditioned.png")
+    rows = _read_csv(out / "conditioned.csv")
+    assert len(rows) == 6
+    assert {"image", "sample", "cos_dist_to_cond", "rank", "image_pixel_spread", "image_rep_spread"} <= set(
+        rows[0]
+    )
+    assert all(1 <= int(r["rank"]) <= 3 and float(r["cos_dist_to_cond"]) >= 0 for r in rows)
+    assert float(rows[0]["image_pixel_spread"]) > 0
+    # a rerun with the same settings is skipped; another setting recomputes
+    stamp = (out / "conditioned.csv").stat().st_mtime_ns
+    assert main(["study", "conditioned", *_common(assets, out, "--num-images", "3", "--samples", "2")]) == 0
+    assert (out / "conditioned.csv").stat().st_mtime_ns == stamp
+    assert main(["study", "conditioned", *_common(assets, out, "--num-images", "2", "--samples", "2")]) == 0
+    assert len(_read_csv(out / "conditioned.csv")) == 4
+
+
+def test_interpolation_endpoints_equal_pure_samples(assets, tmp_path):
+    ctx = _context(assets, tmp_path, "--samples", "2")
+    feats = ctx.clean_features()
+    t = torch.linspace(0, 1, 3)
+    conds, samples, meta = interpolate.interpolation_samples(
+        ctx, feats, [(0, 1)], ["linear", "spherical"], t, 2
+    )
+    pure = ctx.repeat_samples(feats[[0, 1]], 2)
+    for r, (_, _, _, _, s, n) in enumerate(meta):
+        if s == 0:
+            assert torch.allclose(samples[r], pure[n], atol=1e-5)
+        if s == 2:
+            assert torch.allclose(samples[r], pure[2 + n], atol=1e-5)
+    # the middle differs from both ends: the representation drives the sample
+    mid = [r for r, m in enumerate(meta) if m[4] == 1 and m[5] == 0][0]
+    assert not torch.allclose(samples[mid], pure[0], atol=1e-3)
+
+    out = tmp_path / "interp"
+    assert main(["study", "interpolate", *_common(assets, out, "--steps-between", "3")]) == 0
+    _check_png(out / "interpolate.png")
+    rows = _read_csv(out / "interpolate.csv")
+    assert len(rows) == 2 * 3
+    for r in rows:
+        if float(r["t"]) == 0:
+            assert float(r["cond_cos_dist_a"]) < 1e-6
+        if float(r["t"]) == 1:
+            assert float(r["cond_cos_dist_b"]) < 1e-6
+
+
+def test_augment_with_probe(assets, tmp_path):
+    out = tmp_path / "aug"
+    args = _common(
+        assets, out, "--augmentations", "flip,grayscale", "--strengths", "1", "--probe", str(assets["probe"])
+    )
+    assert main(["study", "augment", *args]) == 0
+    _check_png(out / "augment.png")
+    rows = _read_csv(out / "augment.csv")
+    assert [r["augmentation"] for r in rows[:3]] == ["none", "flip", "grayscale"]
+    assert len(rows) == 2 * 3  # 2 images x (clean + 2 augmentations)
+    clean = [r for r in rows if r["augmentation"] == "none"]
+    assert all(float(r["rep_cos_dist"]) < 1e-6 and float(r["rep_rel_l2"]) < 1e-6 for r in clean)
+    assert all(float(r["rep_rel_l2"]) > 0 for r in rows if r["augmentation"] != "none")
+    for name in ("kind", "colour", "size", "x", "y"):
+        assert all(0 <= float(r[f"keep_{name}"]) <= 1 for r in rows)
+
+
+def test_adversarial(assets, tmp_path):
+    out = tmp_path / "adv"
+    assert main(["study", "adversarial", *_common(assets, out, "--num-images", "2", "--samples", "2")]) == 0
+    _check_png(out / "adversarial.png")
+    rows = _read_csv(out / "adversarial.csv")
+    assert len(rows) == 2
+    for r in rows:
+        assert float(r["linf"]) <= 4 / 255 + 1e-6
+        assert float(r["rep_cos_dist_adv"]) > float(r["rep_cos_dist_random"])
+        assert 0 <= float(r["sample_pixel_l1"]) <= 1
+        assert -1 <= float(r["sample_rep_cos_sim"]) <= 1 + 1e-6
+
+
+def test_manipulate_uses_exact_neighbours(assets, tmp_path):
+    out = tmp_path / "manip"
+    args = _common(assets, out, "--neighbours", "4", "--n-common", "2", "--samples", "1")
+    assert main(["study", "manipulate", *args]) == 0
+    _check_png(out / "manipulate.png")
+    rows = _read_csv(out / "manipulate.csv")
+    assert [r["variant"] for r in rows] == ["original", "shared dims zeroed", "shared dims <- target"]
+    with h5py.File(assets["trunk"]) as f:
+        feats = torch.from_numpy(f["features"][:, 0])
+    sims = torch.nn.functional.normalize(feats, dim=1) @ torch.nn.functional.normalize(feats[0], dim=0)
+    neigh = torch.argsort(sims, descending=True)[:4]
+    assert rows[0]["neighbour_indices"] == " ".join(str(int(i)) for i in neigh)
+    expected = int(((feats[neigh].abs() > 0).sum(0) > 2).sum())
+    assert all(int(r["n_shared_dims"]) == expected for r in rows)
+    assert float(rows[0]["cond_cos_dist_source"]) < 1e-6
+
+
+def test_trunk_head_and_ood(assets, tmp_path):
+    out = tmp_path / "th"
+    args = [
+        "--checkpoint", str(assets["rcdm_trunk"]), "--model-flags", str(assets["flags_trunk"]),
+        "--head-checkpoint", str(assets["rcdm_head"]), "--head-model-flags", str(assets["flags_head"]),
+        "--encoder", "small", "--encoder-checkpoint", str(assets["enc"]), "--images", str(assets["images"]),
+        "--features", str(assets["trunk"]), "--head-features", str(assets["head"]), "--num-images", "2",
+        "--samples", "2", "--steps", "3", "--no-progress", "--out", str(out),
+    ]  # fmt: skip
+    assert main(["study", "trunk-head", *args]) == 0
+    _check_png(out / "trunk-head.png")
+    rows = _read_csv(out / "trunk-head.csv")
+    assert [r["layer"] for r in rows] == ["trunk", "head", "trunk", "head"]
+    for r in rows:
+        assert 0 < float(r["pixel_spread"]) <= 0.25 and 0 <= float(r["rep_spread_trunk_space"]) <= 1
+    assert rows[0]["rep_spread_trunk_space"] == rows[0]["rep_spread_own_space"]
+
+    out = tmp_path / "ood"
+    args = [
+        "--checkpoint", str(assets["rcdm_trunk"]), "--model-flags", str(assets["flags_trunk"]), "--encoder",
+        "small", "--encoder-checkpoint", str(assets["enc"]), "--num-images", "2", "--samples", "1", "--steps",
+        "3", "--no-progress", "--out", str(out),
+    ]  # fmt: skip
+    assert main(["study", "ood", *args]) == 0  # default --dataset photos
+    _check_png(out / "ood.png")
+    rows = _read_csv(out / "ood.csv")
+    assert len(rows) == 2 and rows[0]["image"] != rows[1]["image"] and "." not in rows[0]["image"]
+
+
+def test_bad_inputs_are_clear_errors(assets, tmp_path):
+    with pytest.raises(FileNotFoundError, match="images file not found"):
+        main(["study", "conditioned", *_common(assets, tmp_path, "--images", str(tmp_path / "missing.h5"))])
+    with pytest.raises(ValueError, match="16-d"):
+        main(["study", "conditioned", *_common(assets, tmp_path, "--features", str(assets["head"]))])
+    with pytest.raises(IndexError, match="outside"):
+        main(["study", "conditioned", *_common(assets, tmp_path, "--indices", "0,99")])
+    assert not (tmp_path / "conditioned.csv").exists()
