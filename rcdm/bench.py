@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from rcdm.factory import MODEL_FLAGS_128
 from rcdm.io import atomic_path
 
 __all__ = [
@@ -37,7 +38,7 @@ __all__ = [
     "add_arguments",
     "measure",
     "register",
-    "resolve_flags",
+    "flags_from_spec",
     "run",
     "run_benchmarks",
     "variants",
@@ -45,19 +46,7 @@ __all__ = [
 
 #: Model flag presets: the published 128 px checkpoints' flags and a small model for quick checks.
 PRESETS: dict[str, dict[str, Any]] = {
-    "128": {
-        "attention_resolutions": "32,16,8",
-        "diffusion_steps": 1000,
-        "image_size": 128,
-        "learn_sigma": True,
-        "noise_schedule": "linear",
-        "num_channels": 256,
-        "num_heads": 4,
-        "num_res_blocks": 2,
-        "resblock_updown": True,
-        "use_scale_shift_norm": True,
-        "ssl_dim": 2048,
-    },
+    "128": dict(MODEL_FLAGS_128),
     "small": {
         "attention_resolutions": "16,8",
         "channel_mult": "1,2,2",
@@ -297,7 +286,7 @@ def variants(dtypes: list[str], channels_last: bool, compile_: bool) -> list[Var
     return list(dict.fromkeys(out))
 
 
-def resolve_flags(spec: str) -> dict[str, Any]:
+def flags_from_spec(spec: str) -> dict[str, Any]:
     """Model flags from a preset name, a JSON object string or a JSON file path."""
     if spec in PRESETS:
         return dict(PRESETS[spec])
@@ -394,7 +383,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    flags = resolve_flags(args.flags)
+    flags = flags_from_spec(args.flags)
     if args.repeats < 1 or args.warmup < 0 or args.batch_size < 1:
         raise SystemExit("rcdm bench: --repeats and --batch-size must be >= 1, --warmup >= 0")
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]

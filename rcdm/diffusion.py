@@ -163,7 +163,12 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
         if section_counts == "":
             return set(range(num_timesteps))
         if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim") :])
+            count = section_counts[len("ddim") :]
+            if not count.isdigit():
+                raise ValueError(
+                    f"bad timestep_respacing {section_counts!r}: 'ddim' needs a step count, e.g. 'ddim25'"
+                )
+            desired = int(count)
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return set(range(0, num_timesteps, stride))

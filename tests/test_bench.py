@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from rcdm.bench import CSV_COLUMNS, PRESETS, Variant, resolve_flags, variants
+from rcdm.bench import CSV_COLUMNS, PRESETS, Variant, flags_from_spec, variants
 from rcdm.cli import main
 
 TINY = (
@@ -44,10 +44,10 @@ def test_variants_and_flags():
     assert variants(["fp32"], False, False) == [Variant()]
     both = variants(["fp32", "bf16"], True, False)
     assert [v.name for v in both] == ["fp32_eager", "bf16", "fp32+channels_last", "bf16+channels_last"]
-    assert resolve_flags("128") == PRESETS["128"]
-    assert resolve_flags('{"image_size": 8}') == {"image_size": 8}
+    assert flags_from_spec("128") == PRESETS["128"]
+    assert flags_from_spec('{"image_size": 8}') == {"image_size": 8}
     with pytest.raises(ValueError, match="not a preset"):
-        resolve_flags("huge")
+        flags_from_spec("huge")
 
 
 def test_bad_sampler_spec_is_named(tmp_path):

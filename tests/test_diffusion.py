@@ -75,6 +75,8 @@ def test_space_timesteps_bad_requests_are_clear():
         space_timesteps(10, "11")
     with pytest.raises(ValueError, match="bad timestep_respacing"):
         space_timesteps(10, "fast")
+    with pytest.raises(ValueError, match="needs a step count"):
+        space_timesteps(10, "ddim")
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
