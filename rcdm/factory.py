@@ -39,10 +39,10 @@ MODEL_FLAGS_128: dict[str, Any] = {
     "ssl_dim": 2048,
 }
 
-#: Accepted for compatibility with the published ``create_model_and_diffusion`` call sites.
+#: Flags the published ``create_model_and_diffusion`` call sites pass beside the defaults.
 #: ``feat_cond`` False builds an unconditional model; ``G_shared`` and ``pretrained`` have no effect on the
 #: UNet (nor do they in the published code).
-EXTRA_FLAGS: dict[str, Any] = {"feat_cond": True, "G_shared": True, "pretrained": False}
+EXTRA_FLAGS: dict[str, Any] = {"ssl_dim": 2048, "feat_cond": True, "G_shared": True, "pretrained": False}
 
 
 class UnknownFlagError(TypeError):
@@ -64,7 +64,11 @@ def diffusion_defaults() -> dict[str, Any]:
 
 
 def model_and_diffusion_defaults() -> dict[str, Any]:
-    """Defaults of all model/diffusion flags: the RCDM fork's ``model_and_diffusion_defaults`` + ssl_dim."""
+    """Defaults of the model/diffusion flags, exactly the RCDM fork's ``model_and_diffusion_defaults``.
+
+    ``ssl_dim`` (default 2048) is not among them, as published: scripts pass it next to these, e.g.
+    ``create_model_and_diffusion(**args_to_dict(args, defaults.keys()), ssl_dim=d)``.
+    """
     flags: dict[str, Any] = {
         "image_size": 64,
         "num_channels": 128,
@@ -83,7 +87,6 @@ def model_and_diffusion_defaults() -> dict[str, Any]:
         "use_new_attention_order": False,
     }
     flags.update(diffusion_defaults())
-    flags["ssl_dim"] = 2048
     return flags
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import rcdm
 from rcdm.factory import (
     MODEL_FLAGS_128,
     UnknownFlagError,
+    add_dict_to_argparser,
+    args_to_dict,
     create_model_and_diffusion,
     create_model_from_flags,
     model_and_diffusion_defaults,
@@ -42,7 +45,6 @@ PUBLISHED_FLAGS = {
     "predict_xstart": False,
     "rescale_timesteps": False,
     "rescale_learned_sigmas": False,
-    "ssl_dim": 2048,
 }
 
 
@@ -53,8 +55,20 @@ def test_defaults_are_the_published_ones():
     assert model_and_diffusion_defaults()["image_size"] == 64
 
 
+def test_published_call_pattern_ports_unchanged():
+    # The published sampling scripts pass ssl_dim (and feat_cond) next to the parsed defaults.
+    parser = argparse.ArgumentParser()
+    add_dict_to_argparser(parser, {**model_and_diffusion_defaults(), "image_size": 32})
+    argv = ["--num_channels", "32", "--attention_resolutions", "16", "--channel_mult", "1,2"]
+    args = parser.parse_args(argv)
+    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
+    model, diffusion = create_model_and_diffusion(**flags, G_shared=False, feat_cond=True, ssl_dim=48)
+    assert model.ssl_emb.weight.shape == (4 * 32, 48)
+    assert diffusion.num_timesteps == 1000
+
+
 def test_model_flags_128_build_the_published_model():
-    assert set(MODEL_FLAGS_128) <= set(PUBLISHED_FLAGS)
+    assert set(MODEL_FLAGS_128) <= set(PUBLISHED_FLAGS) | {"ssl_dim"}
     with torch.device("meta"):
         model = create_model_from_flags(**MODEL_FLAGS_128)
     assert model.channel_mult == (1, 1, 2, 3, 4)
