@@ -51,7 +51,7 @@ from rcdm.distributed import DistContext, barrier, cleanup, init_distributed
 from rcdm.ema import EMA, rate_tag
 from rcdm.io import atomic_path, safe_torch_load
 from rcdm.timestep_sampler import LossAwareSampler, create_named_schedule_sampler
-from rcdm.train_data import H5PairDataset, StepBatchSampler, to_model_images
+from rcdm.train_data import H5PairDataset, StepBatchSampler, ignore_stop_signals, to_model_images
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; rerun to resume
 EXIT_CONFIG = 1
@@ -398,12 +398,15 @@ class Trainer:
 
         check_state_dict(self.model, state["model"], self.flags, source=str(path))
         self.model.load_state_dict(state["model"], strict=True)
-        self.opt.load_state_dict(state["optimizer"])
-        self.ema.load_state_dict(state["ema_state"])
-        if state.get("scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
-        if state.get("sampler"):
-            self.sampler.load_state_dict(state["sampler"])
+        try:
+            self.opt.load_state_dict(state["optimizer"])
+            self.ema.load_state_dict(state["ema_state"])
+            if state.get("scaler") and self.scaler.is_enabled():
+                self.scaler.load_state_dict(state["scaler"])
+            if state.get("sampler"):
+                self.sampler.load_state_dict(state["sampler"])
+        except (ValueError, KeyError) as err:
+            raise TrainConfigError(f"cannot resume from {path}: {err}") from err
         rngs = state.get("rng") or []
         if len(rngs) == self.ctx.world_size:
             set_rng_state(rngs[self.ctx.rank])
@@ -607,7 +610,9 @@ class Trainer:
             with atomic_path(path) as tmp:
                 torch.save(self.checkpoint_state(rngs), tmp)
             self.export(f"{self.step:06d}")
-            for old in list_checkpoints(ckpt_dir)[self.cfg.keep :]:
+            # prune among checkpoints up to this step: a stray newer file (e.g. corrupt) never evicts ours
+            mine = [p for p in list_checkpoints(ckpt_dir) if checkpoint_step(p) <= self.step]
+            for old in mine[self.cfg.keep :]:
                 old.unlink(missing_ok=True)
         barrier(self.ctx)
         return path
@@ -672,7 +677,7 @@ class Trainer:
         return DataLoader(
             self.data, batch_size=None, sampler=sampler, num_workers=cfg.workers,
             pin_memory=self.device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
-            generator=torch.Generator().manual_seed(cfg.seed),
+            generator=torch.Generator().manual_seed(cfg.seed), worker_init_fn=ignore_stop_signals,
         )  # fmt: skip
 
     def train(self) -> int:

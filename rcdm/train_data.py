@@ -13,6 +13,7 @@ The HDF5 handles are opened lazily, in whichever process reads (each DataLoader 
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,6 +90,16 @@ class H5PairDataset(Dataset):
         if isinstance(item, tuple):
             return self.read(*item)
         return self.read(np.asarray([item]))
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: ignore SIGTERM/SIGUSR1 in workers.
+
+    A preemption signal sent to every process of a job step then reaches the trainer (which finishes the step
+    and saves) without killing its data workers first.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def to_model_images(

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -220,23 +221,38 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, pair):
     assert not (tmp_path / "run" / "train_summary.json").exists()
 
 
-def test_signal_saves_and_exits_with_requeue_code(tmp_path, pair):
+def test_signal_saves_and_exits_with_requeue_code(tmp_path, pair, capfd):
     img, feat, _, _ = pair
-    cfg = make_cfg(tmp_path, img, feat, steps=50, save_interval=100)
+    cfg = make_cfg(tmp_path, img, feat, steps=50, save_interval=100, workers=1)
     trainer = Trainer(cfg)
     real_step = trainer.train_step
 
     def step_then_signal(images, feats):
         real_step(images, feats)
-        if trainer.step == 3:
+        if trainer.step == 3:  # like SLURM: the signal reaches the data worker too, which must survive it
+            children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+            for pid in children.read_text().split() if children.exists() else []:
+                os.kill(int(pid), signal.SIGUSR1)
             os.kill(os.getpid(), signal.SIGUSR1)
 
     trainer.train_step = step_then_signal
     assert threading.current_thread() is threading.main_thread()
     assert trainer.train() == EXIT_PREEMPTED
+    assert capfd.readouterr().err.count("received SIGUSR1") == 1  # the worker ignored it
     assert [p.name for p in cfg.checkpoint_dir.glob("ckpt_*.pt")] == ["ckpt_000003.pt"]
     assert not (tmp_path / "run" / "train_summary.json").exists()
     assert signal.getsignal(signal.SIGUSR1) is not trainer._on_signal  # handler restored
+
+
+def test_resume_from_a_plain_state_dict_starts_from_its_weights(tmp_path, pair):
+    img, feat, _, _ = pair
+    Trainer(make_cfg(tmp_path / "a", img, feat, steps=2, save_interval=2)).train()
+    export = tmp_path / "a" / "run" / "ema_0.9_final.pt"
+    fine = Trainer(make_cfg(tmp_path / "b", img, feat, resume=str(export)))
+    assert fine.step == 0
+    sd = torch.load(export, weights_only=True)
+    assert all(torch.equal(fine.model.state_dict()[k], v) for k, v in sd.items())
+    assert torch.equal(fine.ema.params[0][0], fine.params[0].detach())  # EMA starts from those weights too
 
 
 def test_time_budget_stops_cleanly_and_exports(tmp_path, pair):
