@@ -23,6 +23,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "tabulate": ("rcdm.tabulate", "merge metrics.csv files into result tables"),
     "study": ("rcdm.studies", "run one of the paper's studies (ood, trunk-head, augment, adversarial, ...)"),
     "bench": ("rcdm.bench", "measure throughput and memory of each stage"),
+    "tradeoff": ("rcdm.tradeoff", "sampler speed versus quality: FD_rep and MRR against UNet evaluations"),
 }
 
 
