@@ -1,0 +1,44 @@
+# Encoders: the demo's small self-supervised encoder trained here, and (only when fetch_weights is true) the
+# published weight files downloaded into weights_dir. Otherwise the workflow never downloads anything.
+
+
+rule pretrain:
+    input:
+        images=images_file("train"),
+        probe=images_file("val"),
+    output:
+        encoder=f"{R}/encoders/{{encoder}}/encoder.pt",
+        losses=f"{R}/encoders/{{encoder}}/encoder.csv",
+    log:
+        f"{LOGS}/pretrain/{{encoder}}.log",
+    benchmark:
+        f"{BENCH}/pretrain/{{encoder}}.tsv"
+    params:
+        opts=opts(
+            **{k: v for k, v in config["pretrain"].items() if k != "extra_args"},
+            seed=config["seed"],
+        ),
+        device=device_opt(),
+        extra=extra("pretrain"),
+    threads: rule_threads("pretrain")
+    resources:
+        **rule_resources("pretrain"),
+    shell:
+        "rcdm pretrain --images {input.images} --probe {input.probe} --out {output.encoder} "
+        "--log {output.losses} {params.opts} {params.device} {params.extra} > {log} 2>&1"
+
+
+if config["fetch_weights"]:
+
+    rule fetch:
+        output:
+            f"{WEIGHTS}/{{filename}}",
+        log:
+            f"{LOGS}/fetch/{{filename}}.log",
+        params:
+            weights_dir=WEIGHTS,
+        localrule: True
+        wildcard_constraints:
+            filename=r"[^/]+\.(pth|pt|torch)",
+        shell:
+            "rcdm fetch --weights-dir {params.weights_dir} {wildcards.filename} > {log} 2>&1"
