@@ -103,6 +103,7 @@ class TrainConfig:
     random_flip: bool = True
     deterministic: bool = False
     deep_check: bool = False
+    trust_checkpoint: bool = False  # --resume PATH may unpickle code (only for files you trust)
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -269,6 +270,7 @@ class Trainer:
 
         resume = self._find_resume()  # before any weights are built: a mismatch is reported for free
         if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         elif self.device.type == "cuda":
@@ -360,13 +362,14 @@ class Trainer:
                     "use --resume auto to continue or remove them"
                 )
             return None
-        if cfg.resume == "auto":
-            found = find_resume_checkpoint(cfg.checkpoint_dir)
-        else:
+        # The newest checkpoint of this run wins even over an explicit path: rerunning the same command after
+        # a preemption must continue the run, not restart it from that path.
+        found = find_resume_checkpoint(cfg.checkpoint_dir)
+        if found is None and cfg.resume != "auto":
             path = Path(cfg.resume)
             if not path.is_file():
                 raise TrainConfigError(f"--resume checkpoint not found: {path}")
-            state = safe_torch_load(path)
+            state = safe_torch_load(path, trust=cfg.trust_checkpoint)
             if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
                 found = (path, validate_checkpoint(state, path))
             else:  # a plain state dict (an export or a published checkpoint): initial weights, step 0
@@ -779,6 +782,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--no-flip", action="store_true", help="no random horizontal flips")
     a("--deterministic", action="store_true", help="deterministic algorithms (slower; exact reruns)")
     a("--deep-check", action="store_true", help="scan the whole features file for NaN before training")
+    a("--trust-checkpoint", action="store_true", help="let --resume PATH unpickle code (trusted files only)")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     a("--no-progress", action="store_true", help="no progress bar")
 
@@ -798,6 +802,12 @@ def run(args: argparse.Namespace) -> int:
     from rcdm.checkpoint import CheckpointMismatchError
     from rcdm.factory import UnknownFlagError
     from rcdm.h5schema import H5SchemaError
+    from rcdm.io import UnsafeCheckpointError
+
+    config_errors = (
+        TrainConfigError, FileNotFoundError, H5SchemaError, UnknownFlagError, CheckpointMismatchError,
+        UnsafeCheckpointError,
+    )  # fmt: skip
 
     try:
         cfg = config_from_args(args)
@@ -808,13 +818,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(cfg, ctx)
         return trainer.train()
-    except (
-        TrainConfigError,
-        FileNotFoundError,
-        H5SchemaError,
-        UnknownFlagError,
-        CheckpointMismatchError,
-    ) as err:
+    except config_errors as err:
         print(f"rcdm train: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except NonFiniteLossError as err:

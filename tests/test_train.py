@@ -253,6 +253,10 @@ def test_resume_from_a_plain_state_dict_starts_from_its_weights(tmp_path, pair):
     sd = torch.load(export, weights_only=True)
     assert all(torch.equal(fine.model.state_dict()[k], v) for k, v in sd.items())
     assert torch.equal(fine.ema.params[0][0], fine.params[0].detach())  # EMA starts from those weights too
+    fine.cfg.steps = fine.cfg.save_interval = 2
+    fine.train()
+    # the same command again (a requeued job) continues this run instead of restarting from the export
+    assert Trainer(make_cfg(tmp_path / "b", img, feat, resume=str(export))).step == 2
 
 
 def test_time_budget_stops_cleanly_and_exports(tmp_path, pair):
