@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import pickle
+import types
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -374,10 +376,39 @@ _LAYOUTS: dict[str, Callable] = {
 # ------------------------------------------------------------------------------------------- loading
 
 
+class MissingClass:
+    """Stands in for a pickled class whose code is not installed (VISSL's, a training script's)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+
+class _TolerantUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (MissingClass,), {"__module__": f"missing:{module}"})
+
+
 def _read(checkpoint_path: str | os.PathLike, trust: bool):
-    """Read a checkpoint weights-only; argparse.Namespace (DINO saves its ``args``) is allowed as data."""
+    """Read a checkpoint weights-only; argparse.Namespace (DINO saves its ``args``) is allowed as data.
+
+    A trusted file that pickles classes or functions of packages not installed here (VISSL checkpoints,
+    optimizer states with a training script's functions) is read with placeholders for them: only the
+    tensors matter to the encoders.
+    """
     with torch.serialization.safe_globals([argparse.Namespace]):
-        return safe_torch_load(checkpoint_path, trust=trust)
+        try:
+            return safe_torch_load(checkpoint_path, trust=trust)
+        except (ImportError, AttributeError):
+            if not trust:
+                raise
+    tolerant = types.SimpleNamespace(__name__="pickle", Unpickler=_TolerantUnpickler, load=pickle.load)
+    return torch.load(checkpoint_path, map_location="cpu", weights_only=False, pickle_module=tolerant)
 
 
 def _published(name: str, file: Path, trust: bool) -> tuple[nn.Module, nn.Module | None, dict]:

@@ -259,6 +259,24 @@ def test_code_pickled_checkpoint_refused_unless_trusted(tmp_path, trunk_sd, head
     assert encoders.load("simclr", tmp_path / "vissl.torch", "head", trust=True).dim == 128
 
 
+class _ScriptFunctionHolder:
+    pass
+
+
+def test_trusted_file_with_uninstalled_classes_loads(tmp_path, trunk_sd, heads, monkeypatch):
+    # a class from a module that exists while saving (like VISSL's or a training script's), gone at load time
+    mod = types.ModuleType("vissl_like_module")
+    _ScriptFunctionHolder.__module__, _ScriptFunctionHolder.__qualname__ = "vissl_like_module", "AttrDict"
+    mod.AttrDict = _ScriptFunctionHolder
+    monkeypatch.setitem(sys.modules, "vissl_like_module", mod)
+    ckpt = _vissl(trunk_sd, heads["barlow"], extra=_ScriptFunctionHolder())
+    torch.save(ckpt, tmp_path / "barlow.torch")
+    monkeypatch.delitem(sys.modules, "vissl_like_module")
+    with pytest.raises(UnsafeCheckpointError):
+        encoders.load("barlow", tmp_path / "barlow.torch")
+    assert encoders.load("barlow", tmp_path / "barlow.torch", "head", trust=True).dim == 8192
+
+
 def test_supervised_has_no_head(files):
     with pytest.raises(ValueError, match="no projection head"):
         encoders.load("supervised", files["supervised"], "head")
