@@ -406,3 +406,16 @@ def test_schema_writers_and_checks_name_each_problem(tmp_path):
         hs.write_images_file(tmp_path / "bad.h5", images.astype(np.float32))
     assert hs.parse_part_path(hs.part_path(tmp_path / "x.h5", 3, 12)) == (tmp_path / "x.h5", 3, 12)
     assert [hs.shard_range(10, i, 3) for i in range(3)] == [(0, 3), (3, 6), (6, 10)]
+
+
+def test_read_rows_equals_fancy_indexing_for_any_order(tmp_path):
+    rng = np.random.default_rng(1)
+    data = rng.standard_normal((50, 2, 3)).astype(np.float32)
+    hs.write_features_file(tmp_path / "f.h5", data)
+    with h5py.File(tmp_path / "f.h5") as h5:
+        for rows in ([7], [3, 4, 5, 9, 1, 1, 49, 0], rng.integers(0, 50, 40), []):
+            np.testing.assert_array_equal(
+                hs.read_rows(h5["features"], rows), data[np.asarray(rows, dtype=int)]
+            )
+        with pytest.raises(IndexError):
+            hs.read_rows(h5["features"], [50])
