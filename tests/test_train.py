@@ -185,6 +185,30 @@ def test_microbatches_equal_full_batch(tmp_path, pair):
         torch.testing.assert_close(micro.model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
 
 
+def test_gradient_checkpointing_and_fp16_options(tmp_path, pair):
+    img, feat, _, _ = pair
+    flags = {**FLAGS, "dropout": 0.0}
+    kw = dict(steps=2, save_interval=2)
+    plain = Trainer(make_cfg(tmp_path / "p", img, feat, model_flags=flags, **kw))
+    plain.train()
+    ckpt = Trainer(make_cfg(tmp_path / "c", img, feat, model_flags={**flags, "use_checkpoint": True}, **kw))
+    ckpt.train()
+    for k, v in plain.model.state_dict().items():
+        torch.testing.assert_close(ckpt.model.state_dict()[k], v, rtol=1e-6, atol=1e-7)
+    # use_fp16 in the published flags selects fp16 autocast + grad scaler with fp32 master weights
+    half = Trainer(make_cfg(tmp_path / "h", img, feat, model_flags={**flags, "use_fp16": True}, **kw))
+    assert half.precision == "fp16" and half.scaler.is_enabled()
+    assert half.train() == 0
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in half.params)
+    state = torch.load(half.cfg.checkpoint_dir / "ckpt_000002.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 0
+    init = Trainer(make_cfg(tmp_path / "i", img, feat, model_flags=flags, **kw)).model.state_dict()
+    du_plain = torch.cat([(v - init[k]).flatten() for k, v in plain.model.state_dict().items()])
+    du_half = torch.cat([(v - init[k]).flatten() for k, v in half.model.state_dict().items()])
+    assert du_plain.abs().max() > 1e-5  # both trained ...
+    assert torch.nn.functional.cosine_similarity(du_plain, du_half, dim=0) > 0.95  # ... the same way
+
+
 def test_corrupt_newest_checkpoint_is_skipped(tmp_path, pair):
     img, feat, _, _ = pair
     cfg = make_cfg(tmp_path, img, feat, steps=4, save_interval=2, keep=5)
