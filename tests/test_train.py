@@ -209,6 +209,7 @@ def test_gradient_checkpointing_and_fp16_options(tmp_path, pair):
     assert torch.nn.functional.cosine_similarity(du_plain, du_half, dim=0) > 0.95  # ... the same way
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_corrupt_newest_checkpoint_is_skipped(tmp_path, pair):
     img, feat, _, _ = pair
     cfg = make_cfg(tmp_path, img, feat, steps=4, save_interval=2, keep=5)
