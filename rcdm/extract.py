@@ -364,7 +364,7 @@ def run_extraction(
         files: dict[Path, h5py.File] = {}
         for out in todo:
             tmp = stack.enter_context(atomic_path(out.path, suffix=".h5.tmp"))
-            files[out.path] = stack.enter_context(h5py.File(hs.shareable(tmp), "w"))
+            files[out.path] = stack.enter_context(h5py.File(tmp, "w"))
         img_writer = None
         if images_out is not None:
             s = job.image_size

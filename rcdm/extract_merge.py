@@ -114,7 +114,7 @@ def merge_parts(
     images_attrs = hs.check_images_file(images_path, deep=False) if images_path is not None else None
     total = sum(a["num_images"] for a in attrs)
     digest = hs.PathsDigest()
-    with atomic_path(out, suffix=".h5.tmp") as tmp, h5py.File(hs.shareable(tmp), "w") as dst:
+    with atomic_path(out, suffix=".h5.tmp") as tmp, h5py.File(tmp, "w") as dst:
         with h5py.File(paths[0], "r") as first:
             for name, ds in _datasets(first).items():
                 rows = 0

@@ -87,14 +87,6 @@ class PathsDigest:
         return self._h.hexdigest()
 
 
-def shareable(path: Path) -> Path:
-    """Give a temporary file (``atomic_path`` makes them 0600) the usual umask-based mode; return it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-    return path
-
-
 def _chunk_rows(row_shape: Sequence[int], itemsize: int) -> int:
     return max(1, CHUNK_BYTES // max(1, int(np.prod(row_shape, dtype=np.int64)) * itemsize))
 
@@ -320,7 +312,7 @@ def _write_small(path, kind: str, arrays: Mapping[str, Any], paths: Sequence[str
 
     digest = PathsDigest()
     digest.update(paths)
-    with atomic_path(path, suffix=".h5.tmp") as tmp, h5py.File(shareable(tmp), "w") as h5:
+    with atomic_path(path, suffix=".h5.tmp") as tmp, h5py.File(tmp, "w") as h5:
         for name, value in arrays.items():
             h5.create_dataset(name, data=value)
         write_strings(h5, PATHS, paths)
