@@ -72,16 +72,12 @@ class H5PairDataset(Dataset):
         self._handles, self._pid = None, None
 
     def read(self, indices: np.ndarray, flips: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``indices`` (unique), mirrored where ``flips``: ``(uint8 [b, S, S, 3], float32 [b, D])``."""
+        """Rows ``indices``, mirrored where ``flips``: ``(uint8 [b, S, S, 3], float32 [b, D])``."""
         indices = np.asarray(indices, dtype=np.int64)
         flips = np.zeros(len(indices), dtype=bool) if flips is None else np.asarray(flips, dtype=bool)
         img_file, feat_file = self._files()
-        order = np.argsort(indices, kind="stable")
-        rows = indices[order]  # h5py fancy indexing needs increasing indices
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        images = img_file[h5schema.IMAGES][rows][inverse]
-        feats = feat_file[h5schema.FEATURES][rows][inverse]  # [b, 2, D]
+        images = h5schema.read_rows(img_file[h5schema.IMAGES], indices)
+        feats = h5schema.read_rows(feat_file[h5schema.FEATURES], indices)  # [b, 2, D]
         images[flips] = images[flips, :, ::-1]
         chosen = feats[np.arange(len(indices)), flips.astype(np.int64)]
         return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(chosen.astype(np.float32))
