@@ -8,8 +8,6 @@ R = f"{config['results_dir']}/{config['experiment']}"
 LOGS = f"{config['logs_dir']}/{config['experiment']}"
 BENCH = f"benchmarks/{config['experiment']}"
 WEIGHTS = config["weights_dir"]
-EXTRACT_SHARDS = config["extract"]["shards"]
-SAMPLE_SHARDS = config["sample"]["shards"]
 
 
 wildcard_constraints:
@@ -54,30 +52,37 @@ def images_file(dataset: str) -> str:
     return f"{R}/data/{dataset}/images.h5"
 
 
+def extract_shards(dataset: str) -> int:
+    """Extraction shards of a dataset: its own `shards`, else extract.shards."""
+    return DATASETS[dataset].get("shards") or config["extract"]["shards"]
+
+
+def sample_shards(dataset: str) -> int:
+    """Sampling shards: sample.shards for val; the OOD sets are small, one shard each."""
+    return 1 if dataset in config["data"]["ood"] else config["sample"]["shards"]
+
+
+def datasets_regex(sharded: bool) -> str:
+    """Wildcard constraint matching the datasets extracted in shards (True) or in one job (False)."""
+    names = [name for name in DATASETS if (extract_shards(name) > 1) == sharded]
+    return "|".join(names) if names else "(?!x)x"
+
+
 def part_files(path: str, num_shards: int) -> list[str]:
     """The shard file names the stage CLIs write for `path` (X.h5 -> X.part-000i-of-000k.h5)."""
-    if num_shards == 1:
-        return [path]
     from rcdm.h5schema import part_path
 
     return [str(part_path(path, i, num_shards)) for i in range(num_shards)]
 
 
-def sharded(path: str, num_shards: int) -> str:
-    """Output pattern of one shard of `path`: the path itself for one shard, else X.part-{shard}-of-{num}.h5."""
-    if num_shards == 1:
-        return path
+def part_pattern(path: str) -> str:
+    """Output pattern of one shard of `path`: X.part-{shard}-of-{num}.h5."""
     stem, suffix = path.rsplit(".", 1)
     return f"{stem}.part-{{shard}}-of-{{num}}.{suffix}"
 
 
-def shard_tag(num_shards: int) -> str:
-    """The shard wildcards for log and benchmark names of a sharded rule ('' for one shard)."""
-    return ".{shard}-of-{num}" if num_shards > 1 else ""
-
-
-def shard_args(wildcards, num_shards: int) -> str:
-    return f"--shard {int(getattr(wildcards, 'shard', 0))} --num-shards {num_shards}"
+def shard_args(wildcards) -> str:
+    return f"--shard {int(wildcards.shard)} --num-shards {int(wildcards.num)}"
 
 
 # ---------------------------------------------------------------------------------------------- encoders

@@ -1,39 +1,44 @@
-# Images files: each dataset decoded and centre-cropped once at the model resolution, sharded, then merged.
-_images_shard = sharded(images_file("{dataset}"), EXTRACT_SHARDS)
+# Images files: each dataset decoded and centre-cropped once at the model resolution. Large datasets are
+# extracted in shards (data.<set>.shards or extract.shards) and merged; small ones in one job.
 
+for _sharded in (False, True):
 
-rule extract_images:
-    output:
-        temp(_images_shard) if EXTRACT_SHARDS > 1 else _images_shard,
-    log:
-        f"{LOGS}/extract_images/{{dataset}}{shard_tag(EXTRACT_SHARDS)}.log",
-    benchmark:
-        f"{BENCH}/extract_images/{{dataset}}{shard_tag(EXTRACT_SHARDS)}.tsv"
-    params:
-        data=lambda wc: dataset_args(wc.dataset),
-        out=lambda wc: opts(image_size=config["data"]["image_size"], images_out=images_file(wc.dataset)),
-        shard=lambda wc: shard_args(wc, EXTRACT_SHARDS),
-        run=extract_run_opts(),
-    threads: rule_threads("extract_images")
-    resources:
-        **rule_resources("extract_images"),
-    shell:
-        "rcdm extract {params.data} {params.out} {params.shard} {params.run} > {log} 2>&1"
-
-
-if EXTRACT_SHARDS > 1:
-
-    rule merge_images:
-        input:
-            lambda wc: part_files(images_file(wc.dataset), EXTRACT_SHARDS),
+    rule:
+        name:
+            "extract_images_shard" if _sharded else "extract_images"
         output:
-            images_file("{dataset}"),
+            temp(part_pattern(images_file("{dataset}"))) if _sharded else images_file("{dataset}"),
         log:
-            f"{LOGS}/merge_images/{{dataset}}.log",
+            f"{LOGS}/extract_images/{{dataset}}" + (".{shard}-of-{num}.log" if _sharded else ".log"),
         benchmark:
-            f"{BENCH}/merge_images/{{dataset}}.tsv"
-        threads: rule_threads("merge_extract")
+            f"{BENCH}/extract_images/{{dataset}}" + (".{shard}-of-{num}.tsv" if _sharded else ".tsv")
+        wildcard_constraints:
+            dataset=datasets_regex(_sharded),
+        params:
+            data=lambda wc: dataset_args(wc.dataset),
+            out=lambda wc: opts(image_size=config["data"]["image_size"], images_out=images_file(wc.dataset)),
+            shard=shard_args if _sharded else "",
+            run=extract_run_opts(),
+        threads: rule_threads("extract_images")
         resources:
-            **rule_resources("merge_extract"),
+            **rule_resources("extract_images"),
         shell:
-            "rcdm merge-extract --out {output} --parts {input} > {log} 2>&1"
+            "rcdm extract {params.data} {params.out} {params.shard} {params.run} > {log} 2>&1"
+
+
+rule merge_images:
+    input:
+        lambda wc: part_files(images_file(wc.dataset), extract_shards(wc.dataset)),
+    output:
+        images_file("{dataset}"),
+    log:
+        f"{LOGS}/merge_images/{{dataset}}.log",
+    benchmark:
+        f"{BENCH}/merge_images/{{dataset}}.tsv"
+    wildcard_constraints:
+        dataset=datasets_regex(True),
+    threads: rule_threads("merge_extract")
+    resources:
+        **rule_resources("merge_extract"),
+    shell:
+        "rcdm merge-extract --out {output} --parts {input} > {log} 2>&1"

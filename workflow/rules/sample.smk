@@ -8,14 +8,14 @@ rule sample:
         flags=rules.run_flags.output[0],
         features=features_file("{encoder}", "{dataset}", "{layer}"),
     output:
-        sharded(samples_h5("{encoder}", "{layer}", "{dataset}"), SAMPLE_SHARDS),
+        part_pattern(samples_h5("{encoder}", "{layer}", "{dataset}")),
     log:
-        f"{LOGS}/sample/{{encoder}}/{{layer}}/{{dataset}}{shard_tag(SAMPLE_SHARDS)}.log",
+        f"{LOGS}/sample/{{encoder}}/{{layer}}/{{dataset}}.{{shard}}-of-{{num}}.log",
     benchmark:
-        f"{BENCH}/sample/{{encoder}}/{{layer}}/{{dataset}}{shard_tag(SAMPLE_SHARDS)}.tsv"
+        f"{BENCH}/sample/{{encoder}}/{{layer}}/{{dataset}}.{{shard}}-of-{{num}}.tsv"
     params:
         out=lambda wc: opts(out=samples_h5(wc.encoder, wc.layer, wc.dataset)),
-        shard=lambda wc: shard_args(wc, SAMPLE_SHARDS),
+        shard=shard_args,
         opts=lambda wc: sample_opts(wc.dataset),
         trust=trust_flag(),
         device=device_opt(),
@@ -31,7 +31,7 @@ rule sample:
 
 rule merge_samples:
     input:
-        shards=lambda wc: part_files(samples_h5(wc.encoder, wc.layer, wc.dataset), SAMPLE_SHARDS),
+        shards=lambda wc: part_files(samples_h5(wc.encoder, wc.layer, wc.dataset), sample_shards(wc.dataset)),
         images=images_file("{dataset}"),
     output:
         npz=samples_npz("{encoder}", "{layer}", "{dataset}"),
@@ -47,7 +47,9 @@ rule merge_samples:
     benchmark:
         f"{BENCH}/merge_samples/{{encoder}}/{{layer}}/{{dataset}}.tsv"
     params:
-        input=lambda wc: opts(input=samples_h5(wc.encoder, wc.layer, wc.dataset), num_shards=SAMPLE_SHARDS),
+        input=lambda wc: opts(
+            input=samples_h5(wc.encoder, wc.layer, wc.dataset), num_shards=sample_shards(wc.dataset)
+        ),
         grid=lambda wc: opts(grid_rows=config["sample"]["grid_images"], grid_cols=min(8, sample_counts(wc.dataset)[1])),
     threads: rule_threads("merge_samples")
     resources:

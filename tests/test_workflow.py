@@ -1,0 +1,203 @@
+"""The Snakemake workflow: config validation, the paper's DAG, and the micro configuration end to end.
+
+The end-to-end run (config/micro.yaml, --cores 2) goes through every stage on tiny data; the checks read what
+it produced (HDF5 layouts, samples.npz, grids, metrics) and compare values with what they must be.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEFILE = ROOT / "workflow" / "Snakefile"
+
+
+def snakemake(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m snakemake` on the workflow, run in `cwd` (outputs, logs and .snakemake/ stay there)."""
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(cwd), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The `Job stats` table of a (dry) run: rule name -> number of jobs."""
+    table = output[output.index("Job stats:") :]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, flags=re.M)}
+
+
+def write_config(tmp_path: Path, base: str, **changes) -> Path:
+    cfg = yaml.safe_load((ROOT / "config" / base).read_text())
+    for dotted, value in changes.items():
+        node = cfg
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ validation
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"train.stepz": 3}, "stepz"),  # misspelt key, nested
+        ({"sample.steps": "many"}, "steps"),  # wrong type
+        ({"colour": "red"}, "colour"),  # unknown top-level key
+        ({"resources.train": {"gpus": 2}}, "gpus"),  # unknown resource name
+        ({"data.val.source": "imagenet"}, "source"),  # not one of the allowed values
+    ],
+)
+def test_bad_config_is_an_error_naming_the_key(tmp_path, change, named):
+    cfg = write_config(tmp_path, "micro.yaml", **change)
+    proc = snakemake("-n", "--configfile", str(cfg), cwd=tmp_path)
+    assert proc.returncode != 0
+    err = proc.stderr + proc.stdout
+    assert "Error validating config file" in err
+    assert named in err
+    assert not (tmp_path / "results").exists()  # nothing ran
+
+
+def test_schema_fills_defaults(tmp_path):
+    """A minimal config is complete after validation: the defaults of every section apply."""
+    cfg = {
+        "experiment": "tiny",
+        "data": {
+            "image_size": 16,
+            "train": {"source": "shapes"},
+            "val": {"source": "shapes", "split": "val"},
+        },
+        "encoders": {"enc": {"source": "pretrain"}},
+        "model": {"channel_mult": "1,2", "attention_resolutions": ""},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "--configfile", str(path), "--cores", "1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    counts = job_counts(proc.stdout)
+    # one encoder, default layer trunk, one shard each: train/val images, pretrain, features, one model
+    assert counts["train"] == 1
+    assert counts["pretrain"] == 1
+    assert counts["extract_images"] == 2
+    assert counts["sample"] == 1 and counts["merge_samples"] == 1
+    assert counts["evaluate"] == 1
+
+
+def test_imagenet_config_builds_the_full_dag(tmp_path):
+    """The paper's setting: 4 SSL encoders x trunk/head + supervised, sharded; weights come by fetch jobs."""
+    imagenet = str(ROOT / "config" / "imagenet.yaml")
+    proc = snakemake("-n", "--configfile", imagenet, "--cores", "1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    counts = job_counts(proc.stdout)
+    cfg = yaml.safe_load((ROOT / "config" / "imagenet.yaml").read_text())
+    runs = sum(len(e["layers"]) for e in cfg["encoders"].values())
+    assert runs == 9
+    assert counts["train"] == runs
+    assert counts["evaluate"] == runs
+    sets = {"train": cfg["data"]["train"], "val": cfg["data"]["val"], **cfg["data"]["ood"]}
+    shards = {name: spec.get("shards") or cfg["extract"]["shards"] for name, spec in sets.items()}
+    assert counts["extract_images_shard"] == sum(k for k in shards.values() if k > 1)
+    assert counts["extract_images"] == sum(k == 1 for k in shards.values())
+    assert counts["merge_images"] == sum(k > 1 for k in shards.values())
+    assert counts["extract_features_dino_shard"] == counts["extract_images_shard"]
+    assert counts["merge_features"] == runs * sum(k > 1 for k in shards.values())
+    assert counts["sample"] == runs * (cfg["sample"]["shards"] + len(cfg["data"]["ood"]))
+    assert counts["merge_samples"] == runs * (1 + len(cfg["data"]["ood"]))
+    assert counts["fetch"] == len(cfg["encoders"]) + 1  # encoder files + the Inception weights
+    assert counts["tabulate"] == 1
+
+
+# ------------------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    """config/micro.yaml run once with --cores 2 in a scratch directory."""
+    work = tmp_path_factory.mktemp("micro")
+    micro = str(ROOT / "config" / "micro.yaml")
+    proc = snakemake("--cores", "2", "--configfile", micro, cwd=work, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    cfg = yaml.safe_load((ROOT / "config" / "micro.yaml").read_text())
+    return work, work / "results" / cfg["experiment"], cfg
+
+
+@pytest.mark.slow
+def test_micro_images_and_features(micro_run):
+    _, res, cfg = micro_run
+    size = cfg["data"]["image_size"]
+    for name in ("train", "val"):
+        with h5py.File(res / "data" / name / "images.h5", "r") as h5:
+            n = cfg["data"][name]["num_images"]
+            assert h5["images"].shape == (n, size, size, 3)
+            assert h5["images"].dtype == np.uint8
+            assert h5["images"][:].std() > 0  # real pictures, not a blank
+        for layer in cfg["encoders"]["demo"]["layers"]:
+            with h5py.File(res / "features" / "demo" / name / f"{layer}.h5", "r") as h5:
+                feats = h5["features"][:]
+                assert feats.shape[:2] == (n, 2)
+                assert np.isfinite(feats).all()
+                # the mirror's representation differs from the image's (shapes are not symmetric)
+                assert not np.allclose(feats[:, 0], feats[:, 1])
+    assert not list(res.rglob("*.part-*")), "shard files are temporary: removed after the merge"
+
+
+@pytest.mark.slow
+def test_micro_samples_and_grids(micro_run):
+    _, res, cfg = micro_run
+    size = cfg["data"]["image_size"]
+    for layer in cfg["encoders"]["demo"]["layers"]:
+        run = res / "samples" / "demo" / layer
+        with np.load(run / "val" / "samples.npz") as z:
+            arr = z["arr_0"]
+        n = cfg["sample"]["num_conditionings"] * cfg["sample"]["samples_per_image"]
+        assert arr.shape == (n, size, size, 3)
+        assert arr.dtype == np.uint8
+        for dataset in ["val", *cfg["data"]["ood"]]:
+            with Image.open(run / dataset / "grid.png") as im:
+                assert im.format == "PNG"
+                # at least the conditioning column plus one sample column of size x size tiles
+                assert im.width >= 2 * size and im.height >= size
+
+
+@pytest.mark.slow
+def test_micro_metrics(micro_run):
+    _, res, cfg = micro_run
+    n_cond = cfg["sample"]["num_conditionings"]
+    for layer in cfg["encoders"]["demo"]["layers"]:
+        with open(res / "metrics" / "demo" / layer / "metrics.csv", newline="") as f:
+            (row,) = list(csv.DictReader(f))
+        assert int(row["n_samples"]) == n_cond * cfg["sample"]["samples_per_image"]
+        # chance MRR of a uniformly random rank among n conditionings: H_n / n
+        assert float(row["chance_mrr"]) == pytest.approx(sum(1 / k for k in range(1, n_cond + 1)) / n_cond)
+        assert 1 <= float(row["mean_rank"]) <= n_cond
+        assert 1 / n_cond <= float(row["mrr"]) <= 1
+        assert math.isfinite(float(row["fd_rep"])) and float(row["fd_rep"]) >= 0
+        assert row["fid"] == ""  # no Inception weights in a scratch weights_dir: empty, never made up
+        assert "Inception" in row["status"]
+
+
+@pytest.mark.slow
+def test_micro_logs_benchmarks_and_rerun(micro_run):
+    work, res, cfg = micro_run
+    exp = cfg["experiment"]
+    assert (work / "logs" / exp / "train" / "demo" / "trunk.log").stat().st_size > 0
+    bench = work / "benchmarks" / exp / "train" / "demo" / "trunk.tsv"
+    assert bench.read_text().startswith("s\t")
+    # training checkpoints are kept outside the declared outputs, for resuming
+    assert list((res / "checkpoints" / "demo" / "trunk").glob("ckpt_*.pt"))
+    micro = str(ROOT / "config" / "micro.yaml")
+    proc = snakemake("-n", "--cores", "2", "--configfile", micro, cwd=work)
+    assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr
+    # rerunning one stage reruns it and what depends on it, nothing upstream
+    proc = snakemake("-n", "--cores", "2", "--configfile", micro, "--forcerun", "evaluate", cwd=work)
+    counts = job_counts(proc.stdout)
+    assert counts.get("evaluate") and not counts.get("train") and not counts.get("sample")
