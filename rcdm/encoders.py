@@ -417,6 +417,7 @@ def _published(name: str, file: Path, trust: bool) -> tuple[nn.Module, nn.Module
         trunk_sd, head_sd, head = _LAYOUTS[name](ckpt, file)
         trunk = resnet50_trunk()
     load_strict(trunk, trunk_sd, f"{file} ({name} trunk)", assign=True)
+    trunk = trunk.to(memory_format=torch.channels_last)  # faster convolutions (GPU tensor cores, oneDNN)
     dims = {"trunk": 2048}
     if head is not None:
         load_strict(head, head_sd, f"{file} ({name} head)", assign=True)
