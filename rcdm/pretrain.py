@@ -64,6 +64,7 @@ class TrainSettings:
     stem_stride: int = 2
     head_dims: list[int] = field(default_factory=lambda: [256, 64])
     seed: int = 0
+    time_budget: float | None = None  # seconds: stop (with a completed cosine schedule) when it is spent
     augment: Augment = field(default_factory=Augment)
 
 
@@ -217,17 +218,20 @@ def resize_to(images: np.ndarray, size: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- training
 
 
-def _lr_at(step: int, s: TrainSettings) -> float:
-    if step < s.warmup:
-        return s.lr * (step + 1) / s.warmup
-    t = (step - s.warmup) / max(1, s.steps - s.warmup)
-    return s.lr * 0.5 * (1 + math.cos(math.pi * t))
+def _lr_at(step: int, progress: float, s: TrainSettings) -> float:
+    """Linear warmup over ``s.warmup`` steps, then cosine decay over ``progress`` in [0, 1]."""
+    warm = min(1.0, (step + 1) / max(1, s.warmup))
+    return s.lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def train(
     images: torch.Tensor, s: TrainSettings, device: str | torch.device = "cpu", progress: bool = True
-) -> tuple[nn.Module, nn.Module, list[float]]:
-    """Train trunk + projector on [-1, 1] images [N, 3, R, R] (R = ``s.input_size``); returns the losses."""
+) -> tuple[nn.Module, nn.Module, list[tuple[float, float]]]:
+    """Train trunk + projector on [-1, 1] images [N, 3, R, R] (R = ``s.input_size``).
+
+    Runs ``s.steps`` steps, or fewer when ``s.time_budget`` seconds run out first (the learning-rate schedule
+    then follows elapsed time, so it still completes). Returns (lr, loss) of every step.
+    """
     from tqdm import tqdm
 
     if s.method not in METHODS:
@@ -245,10 +249,18 @@ def train(
     data = images.to(dev)
     batch = min(s.batch_size, data.shape[0])
     losses: list[torch.Tensor] = []
+    lrs: list[float] = []
+    start = time.monotonic()
     bar = tqdm(range(s.steps), desc=f"pretrain {s.method}", file=sys.stderr, disable=not progress)
     for step in bar:
+        done = step / s.steps
+        if s.time_budget:
+            done = max(done, (time.monotonic() - start) / s.time_budget)
+        if done >= 1:
+            break
+        lrs.append(_lr_at(step, done, s))
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, s)
+            group["lr"] = lrs[-1]
         idx = torch.randint(data.shape[0], (batch,), generator=gen, device=dev)
         views = two_views(data[idx], s.input_size, s.augment, gen).contiguous(
             memory_format=torch.channels_last
@@ -264,7 +276,8 @@ def train(
             if not math.isfinite(value):
                 raise FloatingPointError(f"loss became {value} at step {step}; lower --lr")
             bar.set_postfix(loss=f"{value:.4f}")
-    return trunk.eval(), head.eval(), torch.stack(losses).cpu().tolist() if losses else []
+    bar.close()
+    return trunk.eval(), head.eval(), list(zip(lrs, torch.stack(losses).cpu().tolist()))
 
 
 def _arch(s: TrainSettings) -> dict:
@@ -366,12 +379,13 @@ def save_checkpoint(path: Path, trunk: nn.Module, head: nn.Module, s: TrainSetti
         torch.save(ckpt, tmp)
 
 
-def write_log(path: Path, losses: list[float], s: TrainSettings) -> None:
+def write_log(path: Path, history: list[tuple[float, float]]) -> None:
+    """CSV of every step: step, lr, loss."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "lr", "loss"])
-        for step, loss in enumerate(losses):
-            w.writerow([step, f"{_lr_at(step, s):.6g}", f"{loss:.6f}"])
+        for step, (lr, loss) in enumerate(history):
+            w.writerow([step, f"{lr:.6g}", f"{loss:.6f}"])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -380,7 +394,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="checkpoint to write (.pt)")
     parser.add_argument("--log", type=Path, help="CSV loss log (default: OUT with suffix .csv)")
     parser.add_argument("--method", choices=METHODS, default=d.method)
-    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--steps", type=int, default=d.steps, help="number of steps (at most)")
+    parser.add_argument("--time-budget", type=float, help="stop after this many seconds of training")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--input-size", type=int, default=d.input_size, help="encoder input resolution")
@@ -415,13 +430,16 @@ def run(args: argparse.Namespace) -> int:
         widths=list(args.widths),
         head_dims=list(args.head_dims),
         seed=args.seed,
+        time_budget=args.time_budget,
         augment=aug,
     )
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     images = resize_to(read_images(args.images, args.limit), s.input_size)
     start = time.time()
-    trunk, head, losses = train(images, s, device)
+    trunk, head, history = train(images, s, device)
+    losses = [loss for _, loss in history]
     extra: dict = {
+        "steps_done": len(history),
         "images_file": str(args.images),
         "images_sha256": sha256_file(args.images),
         "num_images": int(images.shape[0]),
@@ -431,10 +449,10 @@ def run(args: argparse.Namespace) -> int:
     if args.probe:
         extra["probe"] = probe_files(trunk, head, args.images, args.probe, s.input_size, args.limit)
         print(json.dumps(extra["probe"], indent=1), file=sys.stderr)
-    write_log(log_path, losses, s)
+    write_log(log_path, history)
     save_checkpoint(args.out, trunk, head, s, extra)
     print(
-        f"wrote {args.out} ({s.method}, {s.steps} steps, final loss {extra['final_loss']:.4f})",
+        f"wrote {args.out} ({s.method}, {len(history)} steps, final loss {extra['final_loss']:.4f})",
         file=sys.stderr,
     )
     return 0

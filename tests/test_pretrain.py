@@ -133,6 +133,8 @@ def test_pretrain_end_to_end(tmp_path, shapes_file):
         rows = list(csv.DictReader(f))
     losses = [float(r["loss"]) for r in rows]
     assert len(losses) == 40 and all(math.isfinite(v) for v in losses)
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] == pytest.approx(3e-3 / 30, rel=1e-4) and lrs[-1] < 3e-3 * 0.01  # warmup, cosine to ~0
     assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.3
 
     trunk = encoders.load("small", out, "trunk")
@@ -156,8 +158,20 @@ def test_pretrain_end_to_end(tmp_path, shapes_file):
 def test_vicreg_method_runs(shapes_file):
     imgs = P.resize_to(P.read_images(shapes_file, 32), 16)
     s = P.TrainSettings(method="vicreg", steps=3, batch_size=16, input_size=16, widths=[8], head_dims=[16, 8])
-    trunk, head, losses = P.train(imgs, s, progress=False)
-    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    trunk, head, history = P.train(imgs, s, progress=False)
+    assert len(history) == 3 and all(math.isfinite(loss) for _, loss in history)
+
+
+def test_time_budget_stops_early_with_a_finished_schedule(shapes_file, monkeypatch):
+    clock = iter(range(10_000))  # a fake clock: one second per reading
+    monkeypatch.setattr(P.time, "monotonic", lambda: float(next(clock)))
+    imgs = P.resize_to(P.read_images(shapes_file, 32), 16)
+    s = P.TrainSettings(steps=1000, batch_size=8, input_size=16, widths=[8], head_dims=[8], warmup=2)
+    s.time_budget = 10.0
+    _, _, history = P.train(imgs, s, progress=False)
+    lrs = [lr for lr, _ in history]
+    assert len(history) == 9  # start reads 0; step k reads k + 1 and runs while (k + 1) / 10 < 1: k <= 8
+    assert lrs[-1] == pytest.approx(s.lr * 0.5 * (1 + math.cos(math.pi * 0.9)))
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):
