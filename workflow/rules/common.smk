@@ -8,6 +8,7 @@ R = f"{config['results_dir']}/{config['experiment']}"
 LOGS = f"{config['logs_dir']}/{config['experiment']}"
 BENCH = f"benchmarks/{config['experiment']}"
 WEIGHTS = config["weights_dir"]
+LAYERS = ("trunk", "head")
 
 
 wildcard_constraints:
@@ -331,6 +332,49 @@ def evaluate_opts() -> str:
     )
 
 
+# ---------------------------------------------------------------------------------------------- studies
+STUDIES = config["studies"]
+
+
+def probe_enabled() -> bool:
+    return STUDIES["probe"] and config["data"]["train"]["source"] == "shapes"
+
+
+def study_dir(encoder: str, layer: str, dataset: str, study: str) -> str:
+    return f"{R}/studies/{encoder}/{layer}/{dataset}/{study}"
+
+
+def study_opts(study: str) -> str:
+    return " ".join(
+        [
+            opts(
+                num_images=STUDIES["num_images"],
+                samples=STUDIES["samples"],
+                sampler=STUDIES["sampler"],
+                steps=STUDIES["steps"],
+                batch_size=STUDIES["batch_size"],
+                seed=config["seed"],
+            ),
+            trust_flag(),
+            device_opt(),
+            STUDIES["extra_args"].get(study, ""),
+        ]
+    )
+
+
+def study_targets() -> list[str]:
+    """The settings record (written last) of every configured study of every model."""
+    targets = []
+    for study in STUDIES["run"]:
+        if study == "trunk-head":
+            pairs = [(enc, "both") for enc, spec in ENCODERS.items() if set(spec["layers"]) == set(LAYERS)]
+        else:
+            pairs = runs()
+        sets = list(config["data"]["ood"]) if study == "ood" else ["val"]
+        targets += [f"{study_dir(e, l, d, study)}/{study}.json" for e, l in pairs for d in sets]
+    return targets
+
+
 # ---------------------------------------------------------------------------------------------- targets
 def all_targets() -> list[str]:
     """What `snakemake` builds by default: every run's sample sets and grids, metrics, and the result table."""
@@ -340,6 +384,7 @@ def all_targets() -> list[str]:
             targets.append(samples_npz(encoder, layer, dataset))
         if "evaluate" in rules._rules:
             targets.append(metrics_file(encoder, layer))
+    targets += study_targets()
     if "tabulate" in rules._rules:
         targets += list(rules.tabulate.output)
     return targets
