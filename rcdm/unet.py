@@ -11,8 +11,9 @@ shared embedding is computed once per forward instead of once per block, and gra
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,30 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 NUM_GROUPS = 32
+
+#: How attention is computed: "sdpa" (fused ``scaled_dot_product_attention``, the default) or "einsum" (the
+#: published formulation: explicit weight matrix, softmax in float32), kept for benchmarks and checks.
+ATTENTION_BACKENDS = ("sdpa", "einsum")
+_attention_backend = "sdpa"
+
+
+def set_attention_backend(name: str) -> str:
+    """Select the attention computation of every UNet (process-wide); returns the previous backend."""
+    global _attention_backend
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
+    previous, _attention_backend = _attention_backend, name
+    return previous
+
+
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Context manager running the enclosed forwards with attention backend ``name``."""
+    previous = set_attention_backend(name)
+    try:
+        yield
+    finally:
+        set_attention_backend(previous)
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -219,7 +244,13 @@ def attention_from_qkv(qkv: torch.Tensor, num_heads: int, new_order: bool) -> to
         q, k, v = qkv.unflatten(-1, (3, num_heads, ch)).permute(2, 0, 3, 1, 4).unbind(0)
     else:
         q, k, v = qkv.unflatten(-1, (num_heads, 3, ch)).permute(3, 0, 2, 1, 4).unbind(0)
-    a = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, ch)
+    if _attention_backend == "einsum":
+        scale = 1.0 / math.sqrt(math.sqrt(ch))
+        weight = torch.einsum("bhtc,bhsc->bhts", q * scale, k * scale)
+        weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
+        a = torch.einsum("bhts,bhsc->bhtc", weight, v)
+    else:
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, ch)
     return a.transpose(1, 2).reshape(b, t, num_heads * ch)
 
 
