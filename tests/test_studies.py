@@ -160,6 +160,9 @@ def test_shared_dimensions_and_manipulation():
     assert zeroed.tolist() == [0.0, 2.0, 0.0, 4.0]
     assert replaced.tolist() == [9.0, 2.0, 7.0, 4.0]
     assert feat.tolist() == [1.0, 2.0, 3.0, 4.0]
+    # a database smaller than --neighbours: all of it, with n_common scaled by the same ratio
+    assert manipulate.effective_neighbours(100, 20, 14) == (20, 14)
+    assert manipulate.effective_neighbours(10, 20, 14) == (10, 7)
 
 
 def test_augmentations():
@@ -310,7 +313,13 @@ def test_augment_with_probe(assets, tmp_path):
 
 def test_adversarial(assets, tmp_path):
     out = tmp_path / "adv"
-    assert main(["study", "adversarial", *_common(assets, out, "--num-images", "2", "--samples", "2")]) == 0
+    g = torch.Generator().manual_seed(0)
+    clf = {"fc.weight": torch.randn(5, 16, generator=g), "fc.bias": torch.zeros(5)}
+    torch.save(clf, tmp_path / "clf.pt")
+    args = _common(
+        assets, out, "--num-images", "2", "--samples", "2", "--classifier", str(tmp_path / "clf.pt")
+    )
+    assert main(["study", "adversarial", *args]) == 0
     _check_png(out / "adversarial.png")
     rows = _read_csv(out / "adversarial.csv")
     assert len(rows) == 2
@@ -319,6 +328,8 @@ def test_adversarial(assets, tmp_path):
         assert float(r["rep_cos_dist_adv"]) > float(r["rep_cos_dist_random"])
         assert 0 <= float(r["sample_pixel_l1"]) <= 1
         assert -1 <= float(r["sample_rep_cos_sim"]) <= 1 + 1e-6
+        assert 0 <= int(r["class_clean"]) < 5 and r["class_changed"] in ("0", "1")
+        assert int(r["class_changed"]) == int(r["class_clean"] != r["class_adv"])
 
 
 def test_manipulate_uses_exact_neighbours(assets, tmp_path):

@@ -31,13 +31,30 @@ STUDIES: dict[str, tuple[str, str]] = {
 }
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the module docstring's layout and shows each option's default (when it has a real one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = (
+            action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        )
+        if shown and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One sub-command per study, each with its module's options."""
     sub = parser.add_subparsers(dest="study", metavar="NAME", required=True)
     for name, (module_name, help_text) in STUDIES.items():
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
-        p.formatter_class = argparse.RawDescriptionHelpFormatter
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=(module.__doc__ or help_text).strip(),
+            formatter_class=_Formatter,
+        )
         module.add_arguments(p)
 
 

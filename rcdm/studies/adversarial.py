@@ -87,8 +87,11 @@ def load_linear_classifier(path: str, dim: int) -> torch.nn.Linear:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_standard_arguments(parser, samples=3)
+    parser.set_defaults(num_images=3)
     g = parser.add_argument_group("attack")
-    g.add_argument("--eps", type=float, default=4 / 255, help="L-inf radius in [0, 1] pixel units (4/255)")
+    g.add_argument(
+        "--eps", type=float, default=4 / 255, help="L-inf radius in [0, 1] pixel units (4/255 = 0.0157)"
+    )
     g.add_argument("--pgd-steps", type=int, default=10, help="PGD iterations")
     g.add_argument("--pgd-step", type=float, default=None, help="PGD step size (default 2.5 * eps / steps)")
     g.add_argument(

@@ -64,8 +64,8 @@ def add_source_arguments(parser: argparse.ArgumentParser, *, dataset_default: st
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, samples: int = 4) -> None:
     g = parser.add_argument_group("sampling")
     g.add_argument("--samples", type=int, default=samples, help="samples per conditioning (k)")
-    g.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    g.add_argument("--steps", type=int, default=25, help="sampling steps")
+    g.add_argument("--sampler", choices=SAMPLERS, default="dpm-solver++", help="sampler")
+    g.add_argument("--steps", type=int, default=15, help="sampling steps")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     g.add_argument("--no-clip", action="store_true", help="do not clip predicted x_0 to [-1, 1]")
     g.add_argument("--batch-size", type=int, default=64, help="samples per model batch")
@@ -431,8 +431,8 @@ def direction_spread(emb: torch.Tensor) -> float:
 
 @dataclass
 class SamplingSettings:
-    sampler: str = "ddim"
-    steps: int | None = 25
+    sampler: str = "dpm-solver++"
+    steps: int | None = 15
     eta: float = 0.0
     clip: bool = True
     batch_size: int = 64

@@ -15,6 +15,7 @@ databases (``--faiss auto``: over 200,000 vectors) use its exact inner-product i
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -182,11 +183,29 @@ def _faiss_available() -> bool:
     return True
 
 
+def effective_neighbours(n_database: int, neighbours: int, n_common: int) -> tuple[int, int]:
+    """(k, n_common) for a database of ``n_database`` vectors: all of them when fewer than ``neighbours``,
+    with ``n_common`` scaled by the same ratio (the published 14 of 20 is "shared by more than 70 %")."""
+    if n_database < 1:
+        raise ValueError("the neighbour set is empty")
+    if n_database >= neighbours:
+        return neighbours, n_common
+    k = n_database
+    scaled = n_common * k // neighbours
+    print(
+        f"manipulate: only {k} vectors to search: using {k} neighbours and --n-common {scaled} "
+        f"(scaled from {n_common} of {neighbours})",
+        file=sys.stderr,
+    )
+    return k, scaled
+
+
 def _search(args: argparse.Namespace, ctx: common.StudyContext, queries: torch.Tensor):
-    k = args.neighbours
+    """((similarities, indices), fetch rows by index, k, n_common) over the chosen neighbour set."""
     if args.neighbour_folder:
         db = encode_folder(ctx, args.neighbour_folder)
-        return nearest_neighbours(queries, db, k, device=ctx.device), lambda idx: db[idx.cpu()]
+        k, n_common = effective_neighbours(len(db), args.neighbours, args.n_common)
+        return nearest_neighbours(queries, db, k, device=ctx.device), lambda idx: db[idx.cpu()], k, n_common
     path = args.neighbour_features or args.features
     if not path:
         raise ValueError(
@@ -194,15 +213,20 @@ def _search(args: argparse.Namespace, ctx: common.StudyContext, queries: torch.T
         )
     import h5py
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"neighbour features file not found: {path}")
     with h5py.File(path, "r") as f:
-        n = f["features"].shape[0] if "features" in f else 0
+        if "features" not in f:
+            raise KeyError(f"{path} has no 'features' dataset (keys: {', '.join(f.keys())})")
+        n = f["features"].shape[0]
+    k, n_common = effective_neighbours(n, args.neighbours, args.n_common)
     use_faiss = args.faiss == "yes" or (args.faiss == "auto" and n >= FAISS_MIN_SIZE and _faiss_available())
     if use_faiss:
         db = torch.cat(list(h5_feature_blocks(path))).numpy()
         result = nearest_neighbours_faiss(queries, db, k)
     else:
         result = nearest_neighbours(queries, h5_feature_blocks(path), k, device=ctx.device)
-    return result, lambda idx: read_rows(path, idx.cpu())
+    return result, lambda idx: read_rows(path, idx.cpu()), k, n_common
 
 
 def _study(args: argparse.Namespace, out: common.StudyOutput) -> list:
@@ -215,13 +239,13 @@ def _study(args: argparse.Namespace, out: common.StudyOutput) -> list:
     feats = ctx.clean_features()
     pairs = common.parse_pairs(args.pairs, len(src))
     queries = torch.stack([feats[i] for i, _ in pairs])
-    (sims, idx), fetch = _search(args, ctx, queries)
+    (sims, idx), fetch, n_neigh, n_common = _search(args, ctx, queries)
     if fetch(idx[0, :1]).shape[1] != feats.shape[1]:
         raise ValueError("the neighbour set's representations do not have the encoder's dimension")
 
     conds, variants, shared = [], [], []
     for p, (i, j) in enumerate(pairs):
-        dims = shared_dimensions(fetch(idx[p]), args.n_common, args.active_threshold)
+        dims = shared_dimensions(fetch(idx[p]), n_common, args.active_threshold)
         zeroed, replaced = manipulate(feats[i], feats[j], dims)
         conds += [feats[i], zeroed, replaced]
         variants += ["original", "shared dims zeroed", "shared dims <- target"]
@@ -244,7 +268,8 @@ def _study(args: argparse.Namespace, out: common.StudyOutput) -> list:
                     "target": src.names[j],
                     "variant": variant,
                     "sample": n,
-                    "n_neighbours": args.neighbours,
+                    "n_neighbours": n_neigh,
+                    "n_common": n_common,
                     "n_shared_dims": len(shared[p]),
                     "dim": feats.shape[1],
                     "cond_cos_dist_source": float(common.cosine_distance(conds_t[c], feats[i])),
@@ -258,9 +283,7 @@ def _study(args: argparse.Namespace, out: common.StudyOutput) -> list:
         fig_rows.append([first, *imgs[c * k : (c + 1) * k]])
         labels.append(f"{src.names[i]} / {src.names[j]}\n{variant}\n({len(shared[p])} dims)")
     cols = ["input", *[f"sample {n + 1}" for n in range(k)]]
-    title = (
-        f"Manipulation ({ctx.describe()}): dims active in >{args.n_common} of {args.neighbours} neighbours"
-    )
+    title = f"Manipulation ({ctx.describe()}): dims active in >{n_common} of {n_neigh} neighbours"
     out.save_png(common.labelled_table(fig_rows, labels, cols, title))
     out.save_csv(rows)
     return []

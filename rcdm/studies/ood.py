@@ -18,7 +18,7 @@ TITLE = "Samples conditioned on out-of-distribution images"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_standard_arguments(parser, samples=4)
-    parser.set_defaults(dataset="photos", num_images=6)
+    parser.set_defaults(dataset="photos", num_images=4)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_source_arguments(parser)
     common.add_sampling_arguments(parser, samples=3)
     common.add_output_arguments(parser)
+    parser.set_defaults(num_images=3)
 
 
 def run(args: argparse.Namespace) -> int:
