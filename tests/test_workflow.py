@@ -201,3 +201,27 @@ def test_micro_logs_benchmarks_and_rerun(micro_run):
     proc = snakemake("-n", "--cores", "2", "--configfile", micro, "--forcerun", "evaluate", cwd=work)
     counts = job_counts(proc.stdout)
     assert counts.get("evaluate") and not counts.get("train") and not counts.get("sample")
+
+
+@pytest.mark.slow
+def test_micro_studies(micro_run):
+    _, res, cfg = micro_run
+    assert (res / "studies" / "probe" / "probe.pt").stat().st_size > 0
+    for study in cfg["studies"]["run"]:
+        sets = list(cfg["data"]["ood"]) if study == "ood" else ["val"]
+        for dataset in sets:
+            folder = res / "studies" / "demo" / "trunk" / dataset / study
+            with Image.open(folder / f"{study}.png") as im:
+                assert im.format == "PNG" and im.width > 0
+            with open(folder / f"{study}.csv", newline="") as f:
+                assert list(csv.DictReader(f)), f"{study}.csv has no rows"
+
+
+@pytest.mark.slow
+def test_micro_report(micro_run):
+    work, _, _ = micro_run
+    micro = str(ROOT / "config" / "micro.yaml")
+    proc = snakemake("--cores", "1", "--configfile", micro, "--report", "report.html", cwd=work, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    html = (work / "report.html").read_text(errors="replace")
+    assert "grid.png" in html and "conditioned.png" in html

@@ -332,6 +332,16 @@ def evaluate_opts() -> str:
     )
 
 
+def tradeoff_dir(encoder: str, layer: str) -> str:
+    return f"{R}/tradeoff/{encoder}/{layer}"
+
+
+def tradeoff_opts() -> str:
+    t = config["tradeoff"]
+    run_opts = opts(samplers=t["samplers"], steps=t["steps"], num_cond=t["num_cond"], batch_size=t["batch_size"])
+    return f"{run_opts} {opts(seed=config['seed'])} {trust_flag()} {device_opt()} {t['extra_args']}"
+
+
 # ---------------------------------------------------------------------------------------------- studies
 STUDIES = config["studies"]
 
@@ -384,6 +394,8 @@ def all_targets() -> list[str]:
             targets.append(samples_npz(encoder, layer, dataset))
         if "evaluate" in rules._rules:
             targets.append(metrics_file(encoder, layer))
+    if config["tradeoff"]["run"]:
+        targets += [f"{tradeoff_dir(e, l)}/tradeoff.csv" for e, l in runs()]
     targets += study_targets()
     if "tabulate" in rules._rules:
         targets += list(rules.tabulate.output)
