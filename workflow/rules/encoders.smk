@@ -36,7 +36,7 @@ if config["fetch_weights"]:
         log:
             f"{LOGS}/fetch/{{filename}}.log",
         params:
-            weights_dir=WEIGHTS,
+            weights_dir=lambda wc, output: Path(output[0]).parent,
         localrule: True
         wildcard_constraints:
             filename=r"[^/]+\.(pth|pt|torch)",
