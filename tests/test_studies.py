@@ -385,4 +385,10 @@ def test_bad_inputs_are_clear_errors(assets, tmp_path):
         main(["study", "conditioned", *_common(assets, tmp_path, "--features", str(assets["head"]))])
     with pytest.raises(IndexError, match="outside"):
         main(["study", "conditioned", *_common(assets, tmp_path, "--indices", "0,99")])
+    other = tmp_path / "other.h5"
+    other.write_bytes(assets["trunk"].read_bytes())
+    with h5py.File(other, "r+") as f:
+        f.attrs["paths_sha256"] = "0" * 64
+    with pytest.raises(ValueError, match="other images"):
+        main(["study", "conditioned", *_common(assets, tmp_path, "--features", str(other))])
     assert not (tmp_path / "conditioned.csv").exists()

@@ -57,6 +57,12 @@ def add_source_arguments(parser: argparse.ArgumentParser, *, dataset_default: st
         help="instead of --images: a dataset name (photos, shapes) or an image folder",
     )
     g.add_argument("--split", default="val", help="split of a generated --dataset (shapes)")
+    g.add_argument(
+        "--image-root",
+        default=None,
+        help="folder the images file's recorded paths are relative to: the encoder then sees the original's "
+        "centre crop, as in extraction (else the stored crop, resized)",
+    )
     g.add_argument("--num-images", type=int, default=4, help="how many conditioning images")
     g.add_argument("--indices", default=None, help="comma-separated image indices (overrides --num-images)")
 
@@ -216,7 +222,7 @@ def load_sources(args: argparse.Namespace, image_size: int, encoder_size: int) -
     indices = parse_indices(getattr(args, "indices", None))
     if args.images:
         return _sources_from_h5(
-            args.images, args.features, indices, args.num_images, image_size, encoder_size
+            args.images, args.features, indices, args.num_images, image_size, encoder_size, args.image_root
         )
     if args.dataset:
         return _sources_from_dataset(
@@ -236,7 +242,9 @@ def _pick(n_total: int, indices: list[int] | None, num: int) -> list[int]:
     return indices
 
 
-def _sources_from_h5(images_path, features_path, indices, num, image_size, encoder_size) -> Sources:
+def _sources_from_h5(
+    images_path, features_path, indices, num, image_size, encoder_size, image_root
+) -> Sources:
     import h5py
 
     from rcdm.preprocess import center_crop_arr
@@ -251,21 +259,24 @@ def _sources_from_h5(images_path, features_path, indices, num, image_size, encod
         if ds.ndim != 4 or ds.shape[3] != 3 or ds.dtype != np.uint8:
             raise ValueError(f"{path}:images must be uint8 [N, S, S, 3], got {ds.dtype} {ds.shape}")
         idx = _pick(ds.shape[0], indices, num)
-        show = np.stack([ds[i] for i in idx])
-        labels = (
-            np.asarray([f["labels"][i] for i in idx], np.int64) if "labels" in f else np.full(len(idx), -1)
+        show = take(ds, idx)
+        labels = take(f["labels"], idx).astype(np.int64) if "labels" in f else np.full(len(idx), -1)
+        paths = (
+            [_str(p) for p in take(f["paths"], idx)] if "paths" in f else [f"{path.name}[{i}]" for i in idx]
         )
-        paths = [_str(f["paths"][i]) for i in idx] if "paths" in f else [f"{path.name}[{i}]" for i in idx]
         factors, factor_names = read_factors(f, idx)
+        images_digest = f.attrs.get("paths_sha256")
     if show.shape[1] != image_size:
         raise ValueError(f"{path} holds {show.shape[1]}px images but the model generates {image_size}px")
     enc = []
     for im, p in zip(show, paths):
         try:
-            enc.append(center_crop_arr(_open_rgb(p), encoder_size))
+            enc.append(
+                center_crop_arr(_open_rgb(str(Path(image_root) / p) if image_root else p), encoder_size)
+            )
         except (OSError, ValueError):
             enc.append(_resize_uint8(im[None], encoder_size)[0])
-    features = read_features(features_path, idx) if features_path else None
+    features = read_features(features_path, idx, images_digest) if features_path else None
     names = [f"{i}" for i in idx]
     return Sources(show, np.stack(enc), names, labels, factors, factor_names, features, idx)
 
@@ -290,13 +301,28 @@ def read_factors(f, idx: list[int]) -> tuple[dict[str, np.ndarray], dict[str, li
     factors, names = {}, {}
     for key in group:
         ds = group[key]
-        factors[key] = np.asarray([ds[i] for i in idx])
+        factors[key] = take(ds, idx)
         cats = ds.attrs.get("names", ds.attrs.get("categories"))
         names[key] = [_str(c) for c in cats] if cats is not None else None
     return factors, names
 
 
-def read_features(features_path, idx: list[int]) -> torch.Tensor:
+def take(ds, idx: Sequence[int]) -> np.ndarray:
+    """Rows ``idx`` (any order, repeats allowed) of an HDF5 dataset, read in one selection."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if len(idx) == 0:
+        return np.asarray(ds[0:0])
+    order = np.unique(idx)
+    if order[-1] - order[0] + 1 == len(order):
+        block = np.asarray(ds[int(order[0]) : int(order[-1]) + 1])
+    else:
+        block = np.asarray(ds[order])
+    return block[np.searchsorted(order, idx)]
+
+
+def read_features(features_path, idx: list[int], images_digest: str | None = None) -> torch.Tensor:
+    """``features[idx, 0]`` (the un-mirrored images) as float32; with ``images_digest`` (the images file's
+    ``paths_sha256``) the features file must record the same one, i.e. belong to the same images."""
     import h5py
 
     path = Path(features_path)
@@ -308,7 +334,15 @@ def read_features(features_path, idx: list[int]) -> torch.Tensor:
         ds = f["features"]
         if ds.ndim != 3 or ds.shape[1] != 2:
             raise ValueError(f"{path}:features must be [N, 2, D], got {ds.shape}")
-        feats = torch.from_numpy(np.stack([ds[i, 0] for i in idx]).astype(np.float32))
+        digest = f.attrs.get("paths_sha256")
+        if images_digest is not None and digest is not None and _str(digest) != _str(images_digest):
+            raise ValueError(
+                f"{path} was extracted from other images than --images (paths_sha256 differs): "
+                "pass the features file made from the same images file"
+            )
+        if len(idx) and max(idx) >= ds.shape[0]:
+            raise IndexError(f"{path} has {ds.shape[0]} rows, image index {max(idx)} requested")
+        feats = torch.from_numpy(take(ds, idx)[:, 0].astype(np.float32))
     if not torch.isfinite(feats).all():
         raise ValueError(f"{path}: features of the chosen images contain NaN or infinite values")
     return feats
