@@ -263,6 +263,17 @@ def test_conditioned_and_resume(assets, tmp_path):
     assert (out / "conditioned.csv").stat().st_mtime_ns == stamp
     assert main(["study", "conditioned", *_common(assets, out, "--num-images", "2", "--samples", "2")]) == 0
     assert len(_read_csv(out / "conditioned.csv")) == 4
+    # a changed input file (same path) is not a finished run either
+    flags = tmp_path / "flags.json"
+    flags.write_text(assets["flags_trunk"].read_text())
+    args = [*_common(assets, out, "--num-images", "2", "--samples", "2"), "--model-flags", str(flags)]
+    assert main(["study", "conditioned", *args]) == 0
+    stamp = (out / "conditioned.csv").stat().st_mtime_ns
+    assert main(["study", "conditioned", *args]) == 0
+    assert (out / "conditioned.csv").stat().st_mtime_ns == stamp
+    flags.write_text(assets["flags_trunk"].read_text() + " ")
+    assert main(["study", "conditioned", *args]) == 0
+    assert (out / "conditioned.csv").stat().st_mtime_ns != stamp
 
 
 def test_interpolation_endpoints_equal_pure_samples(assets, tmp_path):

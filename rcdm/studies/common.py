@@ -681,8 +681,17 @@ def _jsonable(obj):
 
 
 def settings_of(args: argparse.Namespace, skip: Sequence[str] = ("force", "no_progress", "func")) -> dict:
-    """The arguments that determine a study's result (recorded and compared for resuming)."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
+    """The arguments that determine a study's result (recorded and compared for resuming). Input files are
+    recorded with their size and modification time, so a rerun after e.g. retraining is not skipped."""
+    out = {}
+    for key, value in sorted(vars(args).items()):
+        if key in skip or key == "out":
+            continue
+        if isinstance(value, str) and value and Path(value).is_file():
+            stat = Path(value).stat()
+            value = {"path": value, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        out[key] = value
+    return out
 
 
 def run_once(args: argparse.Namespace, name: str, body: Callable[[StudyOutput], list[Path]]) -> int:
