@@ -58,6 +58,7 @@ __all__ = [
     "register",
     "run",
     "run_benchmarks",
+    "summarize",
     "variants",
     "write_results",
 ]
@@ -209,8 +210,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats: int) -> dict[str, float]:
-    """Time ``fn`` ``repeats`` times after ``warmup`` untimed calls; device synchronised around each call."""
+def summarize(times: list[float]) -> dict[str, Any]:
+    """Median, min, max and interquartile range of timings (seconds)."""
+    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "iqr_s": q[2] - q[0],
+        "repeats": len(times),
+    }
+
+
+def measure(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats: int) -> dict[str, Any]:
+    """Time ``fn`` ``repeats`` times after ``warmup`` untimed calls; device synchronised around each call.
+
+    Returns :func:`summarize` of the timings plus the raw ``times``.
+    """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     for _ in range(warmup):
@@ -223,14 +239,7 @@ def measure(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
-    return {
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "max_s": max(times),
-        "iqr_s": q[2] - q[0],
-        "repeats": repeats,
-    }
+    return {**summarize(times), "times": times}
 
 
 @contextlib.contextmanager
@@ -251,7 +260,7 @@ def _peak_memory(device: torch.device) -> Iterator[dict[str, Any]]:
 
 
 def _timed(ctx: BenchContext, fn: Callable[[], Any], images: int, **fields: Any) -> dict[str, Any]:
-    """One result row: ``fn`` processes ``images`` images per call."""
+    """One result row: ``fn`` processes ``images`` images per call (raw ``times`` kept for pooling)."""
     with _peak_memory(ctx.device) as mem:
         timing = measure(fn, ctx.device, warmup=ctx.args.warmup, repeats=ctx.args.repeats)
     return {"images": images, "images_per_s": images / timing["median_s"], **timing, **mem, **fields}
@@ -619,34 +628,64 @@ def _case(row: dict[str, Any]) -> tuple:
     return (row.get("sampler"), row.get("steps"), row.get("batch_size"), row.get("option"))
 
 
-def run_benchmarks(ctx: BenchContext, names: list[str], variant_list: list[Variant]) -> list[dict[str, Any]]:
-    """Run every benchmark for every variant; adds the variant columns and both speed-up ratios."""
+def _option_key(row: dict[str, Any], field: str) -> tuple:
+    return (row["benchmark"], row["variant"], row.get("sampler"), row.get("steps"), row.get(field))
+
+
+def run_benchmarks(
+    ctx: BenchContext, names: list[str], variant_list: list[Variant], rounds: int = 1
+) -> list[dict[str, Any]]:
+    """Run every benchmark for every variant, ``rounds`` times round-robin; adds the variant columns and
+    both speed-up ratios.
+
+    With several rounds the timings of a row are pooled over rounds, so a slow drift of the machine (other
+    jobs on shared cores) affects every variant alike instead of whichever ran during the busy spell.
+    """
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
-    rows: list[dict[str, Any]] = []
-    for name in names:
-        baseline: dict[tuple, float] = {}
-        for variant in variant_list:
-            found = BENCHMARKS[name](ctx, variant)
-            print(f"rcdm bench: {name} / {variant.name}: {len(found)} measurement(s)", file=sys.stderr)
-            plain = {(r.get("sampler"), r.get("steps"), r.get("option")): r["images_per_s"] for r in found}
-            for row in found:
-                row = {
-                    "benchmark": name, "variant": variant.name, "dtype": variant.dtype,
-                    "channels_last": variant.channels_last, "compile": variant.compile,
-                    "attention": variant.attention, "cuda_graph": variant.cuda_graph,
-                    "image_size": ctx.flags.get("image_size"), "device": str(ctx.device), **row,
-                }  # fmt: skip
-                if variant.is_baseline:
-                    baseline[_case(row)] = row["images_per_s"]
-                base = baseline.get(_case(row))
-                row["speedup_vs_fp32_eager"] = row["images_per_s"] / base if base else None
-                ref = plain.get((row.get("sampler"), row.get("steps"), row.get("plain_option")))
-                row["speedup_vs_plain"] = (
-                    row["images_per_s"] / ref if ref and row.get("plain_option") else None
-                )
-                rows.append(row)
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    pooled: dict[tuple, dict[str, Any]] = {}
+    for r in range(rounds):
+        for name in names:
+            for variant in variant_list:
+                found = BENCHMARKS[name](ctx, variant)
+                what = f"round {r + 1}/{rounds} {name} / {variant.name}"
+                print(f"rcdm bench: {what}: {len(found)} measurement(s)", file=sys.stderr)
+                for row in found:
+                    key = (name, variant.name, _case(row))
+                    times = list(row.get("times") or [row["median_s"]])
+                    if key in pooled:
+                        pooled[key]["times"] += times
+                        pooled[key]["peak_mem_mb"] = max(pooled[key]["peak_mem_mb"], row["peak_mem_mb"])
+                        continue
+                    pooled[key] = {
+                        "benchmark": name, "variant": variant.name, "dtype": variant.dtype,
+                        "channels_last": variant.channels_last, "compile": variant.compile,
+                        "attention": variant.attention, "cuda_graph": variant.cuda_graph,
+                        "image_size": ctx.flags.get("image_size"), "device": str(ctx.device),
+                        "_baseline": variant.is_baseline, **row, "times": times,
+                    }  # fmt: skip
+    rows = list(pooled.values())
+    for row in rows:
+        row.update(summarize(row["times"]))
+        images = row.get("images") or row.get("batch_size")
+        row["images_per_s"] = images / row["median_s"]
+    baseline = {(r["benchmark"], _case(r)): r["images_per_s"] for r in rows if r.pop("_baseline")}
+    plain = {_option_key(r, "option"): r["images_per_s"] for r in rows}
+    for row in rows:
+        base = baseline.get((row["benchmark"], _case(row)))
+        row["speedup_vs_fp32_eager"] = row["images_per_s"] / base if base else None
+        key = (
+            row["benchmark"],
+            row["variant"],
+            row.get("sampler"),
+            row.get("steps"),
+            row.get("plain_option"),
+        )
+        ref = plain.get(key) if row.get("plain_option") else None
+        row["speedup_vs_plain"] = row["images_per_s"] / ref if ref else None
     return rows
 
 
@@ -689,6 +728,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="round-robin passes over all variants, timings pooled (shared hosts)",
+    )
     parser.add_argument(
         "--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
         help="compute dtypes to measure (bf16: autocast); fp32 eager is always the baseline",
@@ -756,7 +801,7 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="rcdm-bench-") as scratch:
         ctx = BenchContext(flags=flags, device=device, args=args, scratch=Path(scratch))
-        rows = run_benchmarks(ctx, names, variant_list)
+        rows = run_benchmarks(ctx, names, variant_list, rounds=args.rounds)
     meta = {"flags": flags, "args": vars(args), "environment": _environment(device)}
     csv_path, json_path = write_results(rows, Path(args.out), args.name, meta)
     for row in rows:

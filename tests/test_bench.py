@@ -3,6 +3,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ TINY = (
 
 def test_bench_writes_csv_and_json_with_positive_numbers(tmp_path):
     argv = ["bench", "--flags", TINY, "--samplers", "ddim:2,dpm-solver++:2,ddpm:2", "--batch-size", "2",
-            "--repeats", "2", "--warmup", "1", "--channels-last", "--out", str(tmp_path),
+            "--repeats", "2", "--warmup", "1", "--channels-last", "--rounds", "2", "--out", str(tmp_path),
             "--name", "tiny"]  # fmt: skip
     assert main(argv) == 0
     with open(tmp_path / "tiny.csv", newline="") as f:
@@ -33,11 +34,14 @@ def test_bench_writes_csv_and_json_with_positive_numbers(tmp_path):
         for key in ("median_s", "min_s", "images_per_s", "speedup_vs_fp32_eager", "peak_mem_mb"):
             assert float(row[key]) > 0, (key, row)
         assert float(row["min_s"]) <= float(row["median_s"]) <= float(row["max_s"])
+        assert int(row["repeats"]) == 4  # 2 repeats x 2 round-robin rounds, pooled
         assert float(row["images_per_s"]) == pytest.approx(int(row["batch_size"]) / float(row["median_s"]))
         if row["variant"] == "fp32_eager":
             assert float(row["speedup_vs_fp32_eager"]) == 1.0
     meta = json.loads((tmp_path / "tiny.json").read_text())
     assert len(meta["rows"]) == 8 and meta["flags"]["image_size"] == 8
+    for row in meta["rows"]:
+        assert len(row["times"]) == 4 and row["median_s"] == pytest.approx(float(np.median(row["times"])))
     assert meta["environment"]["device"] == "cpu"
 
 
