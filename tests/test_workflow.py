@@ -147,7 +147,9 @@ def test_micro_images_and_features(micro_run):
                 assert np.isfinite(feats).all()
                 # the mirror's representation differs from the image's (shapes are not symmetric)
                 assert not np.allclose(feats[:, 0], feats[:, 1])
-    assert not list(res.rglob("*.part-*")), "shard files are temporary: removed after the merge"
+    # extraction shards are temporary (removed after the merge); sampling shards are kept (costly to redo)
+    assert not list((res / "data").rglob("*.part-*")) and not list((res / "features").rglob("*.part-*"))
+    assert len(list((res / "samples").rglob("val/samples.part-*-of-*.h5"))) == cfg["sample"]["shards"]
 
 
 @pytest.mark.slow
