@@ -130,8 +130,8 @@ def encoder_file(encoder: str) -> str:
     enc = ENCODERS[encoder]
     if enc["source"] == "pretrain":
         return f"{R}/encoders/{encoder}/encoder.pt"
-    if enc["source"] == "published":
-        return enc.get("file") and f"{WEIGHTS}/{enc['file']}" or weight_file(encoder)
+    if enc["source"] == "published" and not enc.get("file"):
+        return weight_file(encoder)
     return f"{WEIGHTS}/{enc['file']}"
 
 
@@ -321,7 +321,7 @@ def evaluate_inputs(wildcards) -> dict:
 
 
 def evaluate_opts() -> str:
-    e, s = config["evaluate"], config["sample"]
+    e = config["evaluate"]
     return opts(
         weights_dir=WEIGHTS,
         n_reference=e["n_reference"],
@@ -387,16 +387,11 @@ def study_targets() -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- targets
 def all_targets() -> list[str]:
-    """What `snakemake` builds by default: every run's sample sets and grids, metrics, and the result table."""
+    """What `snakemake` builds by default: every run's sample sets and grids, metrics, and the studies."""
     targets = []
     for encoder, layer in runs():
-        for dataset in ["val", *config["data"]["ood"]]:
-            targets.append(samples_npz(encoder, layer, dataset))
-        if "evaluate" in rules._rules:
-            targets.append(metrics_file(encoder, layer))
+        targets += [samples_npz(encoder, layer, dataset) for dataset in ["val", *config["data"]["ood"]]]
+        targets.append(metrics_file(encoder, layer))
     if config["tradeoff"]["run"]:
         targets += [f"{tradeoff_dir(e, l)}/tradeoff.csv" for e, l in runs()]
-    targets += study_targets()
-    if "tabulate" in rules._rules:
-        targets += list(rules.tabulate.output)
-    return targets
+    return targets + study_targets()
