@@ -59,14 +59,16 @@ class FIDInception(nn.Module):
     evaluation suite) computes them from the TF graph's ``softmax/logits/MatMul`` input.
     """
 
-    def __init__(self, net: nn.Module, weights_sha256: str | None = None) -> None:
+    def __init__(self, net: nn.Module, weights_sha256: str | None = None, input_size: int = 299) -> None:
         super().__init__()
         self.net = net.eval().requires_grad_(False)
         self.weights_sha256 = weights_sha256
+        #: the network's input resolution: 299 for FID; smaller (>= 75) only to keep unit tests fast
+        self.input_size = input_size
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.net
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         x = 2 * x - 1
         for block in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1):
             x = block(x)

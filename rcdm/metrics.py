@@ -21,6 +21,8 @@ __all__ = [
     "chance_mean_rank",
     "chance_mrr",
     "frechet_distance",
+    "frechet_distance_from_samples",
+    "frechet_distance_stats",
     "inception_score",
     "precision_recall",
     "rank_mrr",
@@ -48,37 +50,91 @@ def _clip_rounding(evals: torch.Tensor) -> torch.Tensor:
     return torch.where(evals > threshold, evals, torch.zeros_like(evals))
 
 
-def _psd_sqrt(sigma: torch.Tensor) -> torch.Tensor:
-    """Symmetric square root of a (numerically) positive semi-definite matrix."""
-    evals, evecs = torch.linalg.eigh((sigma + sigma.T) / 2)
-    return (evecs * _clip_rounding(evals).sqrt()) @ evecs.T
+def _eigh(m: torch.Tensor, vectors: bool = True):
+    """Symmetric eigendecomposition; LAPACK through numpy on CPU (several times faster than torch's there)."""
+    m = (m + m.T) / 2
+    if m.device.type != "cpu":
+        return torch.linalg.eigh(m) if vectors else torch.linalg.eigvalsh(m)
+    if vectors:
+        evals, evecs = np.linalg.eigh(m.numpy())
+        return torch.from_numpy(evals), torch.from_numpy(evecs)
+    return torch.from_numpy(np.linalg.eigvalsh(m.numpy()))
+
+
+def _check_stats(m1, s1, m2, s2) -> None:
+    d = m1.numel()
+    if m2.numel() != d or s2.shape != (d, d) or (s1 is not None and s1.shape != (d, d)):
+        shape1 = None if s1 is None else tuple(s1.shape)
+        raise ValueError(
+            f"mismatched statistics: mu1 {tuple(m1.shape)}, sigma1 {shape1}, "
+            f"mu2 {tuple(m2.shape)}, sigma2 {tuple(s2.shape)}"
+        )
+    for name, t in (("mu1", m1), ("sigma1", s1), ("mu2", m2), ("sigma2", s2)):
+        if t is not None:
+            _check_finite(name, t)
 
 
 def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
     """Frechet distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2).
 
-    ``|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr((s1^1/2 s2 s1^1/2)^1/2)``, computed in float64 through symmetric
-    eigendecompositions. The inner matrix is symmetric PSD, so this is stable also for rank-deficient
+    ``|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr((s1^1/2 s2 s1^1/2)^1/2)`` in float64. With s1 = V L V^T, the
+    trace term is that of the symmetric PSD matrix ``B^T s2 B`` (B = V L^1/2 restricted to the non-zero
+    eigenvalues), whose eigenvalues are clipped at rounding level: stable also for rank-deficient
     covariances (e.g. 8192-d features from fewer samples), where ``sqrtm(s1 @ s2)`` can return complex or
     NaN values. Runs on the device of ``sigma1`` when given torch tensors.
     """
     device = sigma1.device if isinstance(sigma1, torch.Tensor) else None
     m1, m2 = _as_tensor(mu1, device=device).reshape(-1), _as_tensor(mu2, device=device).reshape(-1)
     s1, s2 = _as_tensor(sigma1, device=device), _as_tensor(sigma2, device=device)
-    d = m1.numel()
-    if m2.numel() != d or s1.shape != (d, d) or s2.shape != (d, d):
-        raise ValueError(
-            f"mismatched statistics: mu1 {tuple(m1.shape)}, sigma1 {tuple(s1.shape)}, mu2 {tuple(m2.shape)}, "
-            f"sigma2 {tuple(s2.shape)}"
-        )
-    for name, t in (("mu1", m1), ("sigma1", s1), ("mu2", m2), ("sigma2", s2)):
-        _check_finite(name, t)
-    s1_half = _psd_sqrt(s1)
-    inner = s1_half @ s2 @ s1_half
-    trace_covmean = _clip_rounding(torch.linalg.eigvalsh((inner + inner.T) / 2)).sqrt().sum()
+    _check_stats(m1, s1, m2, s2)
+    evals, evecs = _eigh(s1)
+    evals = _clip_rounding(evals.to(s1.device))
+    keep = evals > 0
+    b = evecs.to(s1.device)[:, keep] * evals[keep].sqrt()
+    inner = b.T @ s2 @ b
+    trace_covmean = _clip_rounding(_eigh(inner, vectors=False)).sqrt().sum().to(s1.device)
     diff = m1 - m2
     value = diff @ diff + torch.trace(s1) + torch.trace(s2) - 2 * trace_covmean
     return float(value)
+
+
+def frechet_distance_from_samples(x1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
+    """:func:`frechet_distance` between the Gaussian fit of the rows of ``x1`` [n, d] and N(mu2, sigma2).
+
+    Exact and cheap when n <= d: with A the centred rows, s1 = A^T A / (n - 1) and the trace term is that of
+    the n x n matrix ``A s2 A^T / (n - 1)`` -- no d x d eigendecomposition. (Unbiased covariance, as np.cov.)
+    """
+    device = x1.device if isinstance(x1, torch.Tensor) else None
+    x = _as_tensor(x1, device=device)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"x1 must be [n >= 2, d], got shape {tuple(x.shape)}")
+    m1 = x.mean(0)
+    m2, s2 = _as_tensor(mu2, device=x.device).reshape(-1), _as_tensor(sigma2, device=x.device)
+    _check_finite("x1", x)
+    _check_stats(m1, None, m2, s2)
+    a = x - m1
+    n = x.shape[0]
+    inner = a @ s2 @ a.T / (n - 1)
+    trace_covmean = _clip_rounding(_eigh(inner, vectors=False)).sqrt().sum().to(x.device)
+    diff = m1 - m2
+    value = diff @ diff + (a * a).sum() / (n - 1) + torch.trace(s2) - 2 * trace_covmean
+    return float(value)
+
+
+def frechet_distance_stats(
+    stats: RunningStats, mu2: ArrayLike, sigma2: ArrayLike, rows2: ArrayLike | None = None
+) -> float:
+    """Frechet distance of accumulated statistics to N(mu2, sigma2), by the cheapest exact route.
+
+    Uses the kept rows of ``stats`` (or ``rows2``, the rows behind mu2/sigma2) when there are at most d of
+    them (:func:`frechet_distance_from_samples`), else the d x d eigendecomposition.
+    """
+    rows = stats.rows()
+    if rows is not None:
+        return frechet_distance_from_samples(rows, mu2, sigma2)
+    if rows2 is not None and len(rows2) <= stats.dim:
+        return frechet_distance_from_samples(rows2, stats.mean(), stats.cov())
+    return frechet_distance(stats.mean(), stats.cov(), mu2, sigma2)
 
 
 class RunningStats:
@@ -88,10 +144,16 @@ class RunningStats:
     cancellation of the naive ``E[xx^T] - mu mu^T`` when the mean is large compared with the spread.
     """
 
-    def __init__(self, dim: int, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, dim: int, device: torch.device | str | None = None, keep_rows: int | None = None
+    ) -> None:
         self.dim = dim
         self.device = torch.device(device) if device is not None else None
         self.n = 0
+        #: rows are also kept while there are at most this many (default ``dim``: no more memory than the
+        #: covariance itself), so low-rank Frechet distances can take the cheap exact route
+        self.keep_rows = dim if keep_rows is None else keep_rows
+        self._rows: list[torch.Tensor] | None = []
         self._shift: torch.Tensor | None = None
         self._sum: torch.Tensor | None = None
         self._outer: torch.Tensor | None = None
@@ -110,6 +172,10 @@ class RunningStats:
             self._shift = x.mean(0)
             self._sum = torch.zeros(self.dim, dtype=torch.float64, device=x.device)
             self._outer = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=x.device)
+        if self._rows is not None:
+            self._rows.append(x)
+            if self.n + x.shape[0] > self.keep_rows:
+                self._rows = None
         xc = x - self._shift
         self._sum += xc.sum(0)
         self._outer += xc.T @ xc
@@ -119,6 +185,12 @@ class RunningStats:
         if self.n == 0:
             raise ValueError("no data accumulated")
         return (self._shift + self._sum / self.n).cpu().numpy()
+
+    def rows(self) -> torch.Tensor | None:
+        """All rows seen (float64), or None once there are more than ``keep_rows``."""
+        if self._rows is None or self.n == 0:
+            return None
+        return torch.cat(self._rows)
 
     def cov(self) -> np.ndarray:
         """Unbiased covariance (divides by n - 1, like ``np.cov``)."""

@@ -476,7 +476,7 @@ def run(args: argparse.Namespace) -> int:
         settings.update(cond.describe())
         settings.update(
             image_size=image_size, ssl_dim=int(cond.dim), num_cond_total=int(len(selected)), shard_start=lo,
-            shard_stop=hi,
+            shard_stop=hi, num_steps=int(args.steps or diffusion.num_timesteps),
         )  # fmt: skip
         generate_shard(
             model, diffusion, cond, selected[lo:hi], out, settings, batch_size=args.batch_size, device=device,

@@ -24,6 +24,7 @@ import numpy as np
 from rcdm import h5schema
 from rcdm.io import atomic_path
 from rcdm.sample import (
+    COND_FEATURES,
     COND_IDS,
     COND_IMAGES,
     COND_INDEX,
@@ -96,8 +97,12 @@ def write_npz(
     shape: tuple[int, ...],
     chunks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]],
     settings: dict[str, Any],
+    cond_features: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Path:
-    """Stream ``chunks`` (images, cond_index, sample_index) into an uncompressed ``.npz`` atomically."""
+    """Stream ``chunks`` (images, cond_index, sample_index) into an uncompressed ``.npz`` atomically.
+
+    ``cond_features`` = (cond_ids [m], features [m, D]) of image conditionings, stored when given.
+    """
     path = Path(path)
     n = shape[0]
     cond = np.empty(n, dtype=np.int64)
@@ -122,11 +127,15 @@ def write_npz(
                 done += len(images)
         if done != n:
             raise ValueError(f"wrote {done} samples, expected {n}")
-        for name, arr in (
-            ("cond_index", cond),
-            ("sample_index", samp),
-            ("settings_json", np.array(json.dumps(settings, sort_keys=True))),
-        ):
+        extra = (
+            {} if cond_features is None else {"cond_ids": cond_features[0], "cond_features": cond_features[1]}
+        )
+        for name, arr in {
+            "cond_index": cond,
+            "sample_index": samp,
+            "settings_json": np.array(json.dumps(settings, sort_keys=True)),
+            **extra,
+        }.items():
             with zf.open(f"{name}.npy", "w") as f:
                 np.lib.format.write_array(f, arr, allow_pickle=False)
     return path
@@ -148,6 +157,8 @@ def _open_member(zf: zipfile.ZipFile, key: str, path: Path):
 def npz_array_shape(path: str | os.PathLike, key: str = "arr_0") -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of one array of an ``.npz`` without reading its data."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"samples file not found: {path}")
     with zipfile.ZipFile(path) as zf:
         f, shape, dtype = _open_member(zf, key, path)
         f.close()
@@ -173,13 +184,32 @@ def iter_npz_array(
                 yield np.frombuffer(buf, dtype=dtype).reshape(rows, *shape[1:])
 
 
-def read_npz_meta(path: str | os.PathLike) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, Any]]:
-    """``(cond_index, sample_index, settings)`` of a samples ``.npz`` (None / {} where absent)."""
+def read_npz_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """Everything but ``arr_0`` of a samples ``.npz``: ``cond_index``, ``sample_index``, ``settings`` (dict),
+    and ``cond_ids`` / ``cond_features`` when the samples were conditioned on images; absent keys are None.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"samples file not found: {path}")
     with np.load(path, allow_pickle=False) as z:
-        cond = z["cond_index"] if "cond_index" in z.files else None
-        samp = z["sample_index"] if "sample_index" in z.files else None
-        settings = json.loads(str(z["settings_json"])) if "settings_json" in z.files else {}
-    return cond, samp, settings
+        out = {
+            k: (z[k] if k in z.files else None)
+            for k in ("cond_index", "sample_index", "cond_ids", "cond_features")
+        }
+        out["settings"] = json.loads(str(z["settings_json"])) if "settings_json" in z.files else {}
+    return out
+
+
+def shard_cond_features(paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(cond_ids, cond_features)`` of image-conditioned shards (None when conditioned on features)."""
+    ids, feats = [], []
+    for p in _ordered(paths):
+        with h5py.File(p, "r") as h5:
+            if COND_FEATURES not in h5:
+                return None
+            ids.append(h5[COND_IDS][:])
+            feats.append(h5[COND_FEATURES][:])
+    return np.concatenate(ids), np.concatenate(feats)
 
 
 # ----------------------------------------------------------------------------------------------- grids
@@ -290,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
             yield images, c, s
             bar.update(len(images))
 
-    write_npz(args.out, (n, size, size, 3), chunks(), settings)
+    write_npz(args.out, (n, size, size, 3), chunks(), settings, cond_features=shard_cond_features(paths))
     bar.close()
     print(args.out)
     if not args.no_grid:

@@ -10,6 +10,8 @@ from rcdm.metrics import (
     chance_mean_rank,
     chance_mrr,
     frechet_distance,
+    frechet_distance_from_samples,
+    frechet_distance_stats,
     inception_score,
     precision_recall,
     rank_mrr,
@@ -64,6 +66,32 @@ def test_frechet_accepts_torch_and_rejects_bad_input():
     s_nan[0, 0] = np.nan
     with pytest.raises(ValueError, match="sigma2 contains NaN"):
         frechet_distance(mu1, s1, mu2, s_nan)
+
+
+@pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated")
+def test_frechet_from_samples_equals_full_computation_low_rank_and_full_rank():
+    rng = np.random.default_rng(9)
+    for n1, n2 in ((12, 30), (80, 200)):  # 12 rows in 40-d: rank-deficient; 80 rows: full rank
+        x1 = rng.normal(size=(n1, 40)) @ rng.normal(size=(40, 40)) * 0.3 + 0.2
+        x2 = rng.normal(size=(n2, 40))
+        mu1, s1 = _stats(x1)
+        mu2, s2 = _stats(x2)
+        full = frechet_distance(mu1, s1, mu2, s2)
+        assert frechet_distance_from_samples(x1, mu2, s2) == pytest.approx(full, rel=1e-10)
+        assert frechet_distance_from_samples(torch.from_numpy(x1), mu2, s2) == pytest.approx(full, rel=1e-10)
+        rs = RunningStats(40)
+        for lo in range(0, n1, 7):
+            rs.update(x1[lo : lo + 7])
+        assert (rs.rows() is None) == (n1 > 40)
+        assert frechet_distance_stats(rs, mu2, s2) == pytest.approx(full, rel=1e-9)
+        assert frechet_distance_stats(rs, mu2, s2, rows2=x2) == pytest.approx(full, rel=1e-9)
+        if n1 > 40:
+            assert full == pytest.approx(calculate_frechet_distance(mu1, s1, mu2, s2), rel=1e-8)
+    # closed form: the fit of two points +-1 on axis 0 is N(0, diag(2, 0, ...)); vs N(0, I): (sqrt2 - 1)^2 + 2
+    x = np.zeros((2, 3))
+    x[:, 0] = [1.0, -1.0]
+    expected = (np.sqrt(2) - 1) ** 2 + 2
+    assert frechet_distance_from_samples(x, np.zeros(3), np.eye(3)) == pytest.approx(expected, rel=1e-12)
 
 
 def test_running_stats_equal_numpy_and_are_batch_independent():

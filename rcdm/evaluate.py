@@ -1,0 +1,457 @@
+"""Stage ``rcdm evaluate``: realism (FID, IS, precision/recall) and faithfulness (FD_rep, rank, MRR).
+
+One streaming pass over ``samples.npz`` feeds every metric: the FID Inception (pool3 statistics, logits for
+IS, optionally pool3 features for precision/recall) and the conditioning encoder (representations of the
+samples, preprocessed like extraction: ``center_crop_arr`` to the encoder's input size, [-1, 1], its input
+norm). FD_rep compares the samples' representations with those of the conditioning images; rank/MRR ranks
+each sample's own conditioning among all conditionings used. Reference Inception statistics are computed
+once per reference set and cached in a file keyed by the reference images' content and the Inception
+weights. Whatever cannot be computed (no Inception file, no encoder checkpoint, ...) is left empty and the
+``status`` column says why; no number is ever made up. The result is one row in ``metrics.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from rcdm import h5schema
+from rcdm.io import atomic_path, sha256_file
+from rcdm.metrics import (
+    RunningStats,
+    chance_mrr,
+    frechet_distance_stats,
+    inception_score,
+    precision_recall,
+    rank_mrr,
+)
+from rcdm.sample_merge import iter_npz_array, npz_array_shape, read_npz_meta
+
+#: metrics.csv columns, in order (the first ones are the paper's Table 1 fields)
+COLUMNS = (
+    "run_id", "dataset", "encoder", "layer", "sampler", "steps", "n_samples", "n_reference",
+    "fid", "is_mean", "is_std", "fd_rep", "mean_rank", "median_rank", "mrr", "top1", "top5", "chance_mrr",
+    "precision", "recall", "inception_sha256", "status",
+    "n_cond", "samples_per_image", "rank_metric", "eta", "seed", "checkpoint_sha256", "samples_file",
+    "timestamp",
+)  # fmt: skip
+CACHE_VERSION = 1
+
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` measured: ``values`` for metrics.csv, ``status`` notes (why one is empty)."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    status: list[str] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        out = {c: self.values.get(c) for c in COLUMNS}
+        out["status"] = "; ".join(self.status) if self.status else "ok"
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- reference
+
+
+def _subset(n: int, n_reference: int | None, seed: int = 0) -> np.ndarray:
+    if n_reference is None or n_reference >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size=n_reference, replace=False)).astype(np.int64)
+
+
+def reference_cache_path(
+    cache_dir: str | os.PathLike, images_file: str | os.PathLike, rows: np.ndarray, inception_sha256: str
+) -> Path:
+    """Cache file of the reference statistics of ``rows`` of ``images_file`` under given Inception weights."""
+    h = hashlib.sha256()
+    h.update(f"v{CACHE_VERSION}:{sha256_file(images_file)}:{inception_sha256}:".encode())
+    h.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
+    return Path(cache_dir) / f"fid_ref_{h.hexdigest()[:24]}.npz"
+
+
+def reference_statistics(
+    inception,
+    images_file: str | os.PathLike,
+    *,
+    n_reference: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 100,
+    with_features: bool = False,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Inception pool3 ``mu``, ``sigma``, ``n`` (and ``features``) of the images of an images file.
+
+    ``features`` are kept when asked for or when there are at most 2048 of them (they make the Frechet
+    distance of a small set cheap and exact). ``n_reference`` keeps a seeded random subset (seed 0, file
+    order). Results are cached in ``cache_dir`` (see :func:`reference_cache_path`); a cache without
+    features is recomputed when features are needed.
+    """
+    from tqdm.auto import tqdm
+
+    h5schema.check_images_file(images_file, deep=False)
+    with h5py.File(images_file, "r") as h5:
+        n_total = h5[h5schema.IMAGES].shape[0]
+    rows = _subset(n_total, n_reference)
+    cache = None
+    if cache_dir is not None:
+        cache = reference_cache_path(cache_dir, images_file, rows, inception.weights_sha256 or "")
+        if cache.is_file():
+            with np.load(cache) as z:
+                if not with_features or "features" in z.files:
+                    return {k: z[k] for k in z.files}
+    stats = RunningStats(2048, device=next(inception.parameters()).device)
+    feats = []
+    with h5py.File(images_file, "r") as h5, torch.inference_mode():
+        ds = h5[h5schema.IMAGES]
+        for lo in tqdm(range(0, len(rows), batch_size), desc="reference inception", disable=not progress):
+            idx = rows[lo : lo + batch_size]
+            block = ds[int(idx[0]) : int(idx[-1]) + 1][idx - idx[0]]
+            pool, _ = inception.embed_uint8(torch.from_numpy(block))
+            stats.update(pool)
+            if with_features or len(rows) <= 2048:
+                feats.append(pool.float().cpu())
+    out = {"mu": stats.mean(), "sigma": stats.cov(), "n": np.array(len(rows))}
+    if with_features or len(rows) <= 2048:
+        out["features"] = torch.cat(feats).numpy()
+    if cache is not None:
+        with atomic_path(cache, suffix=".npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, **out)
+    return out
+
+
+def load_reference_stats(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """``mu``/``sigma`` from an ``.npz`` (e.g. the ADM suite's reference batch, or a cache file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference statistics file not found: {path}")
+    with np.load(path) as z:
+        missing = [k for k in ("mu", "sigma") if k not in z.files]
+        if missing:
+            raise KeyError(f"{path}: no {', '.join(missing)} array (has {', '.join(z.files)})")
+        return {k: z[k] for k in z.files if k in ("mu", "sigma", "n", "features")}
+
+
+# ------------------------------------------------------------------------------------------- conditionings
+
+
+def conditioning_embeddings(
+    meta: dict[str, Any], features_file: str | os.PathLike | None
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """``(cond_ids, embeddings [m, D], source)`` for the distinct conditionings the samples used.
+
+    Image-conditioned sample sets carry their conditionings' features; otherwise rows of the features file
+    (index 0, the unflipped image) are read.
+    """
+    cond_index = meta["cond_index"]
+    if cond_index is None:
+        raise KeyError("the samples file has no cond_index array (not written by `rcdm merge-samples`)")
+    ids = np.unique(cond_index)
+    if meta.get("cond_features") is not None and features_file is None:
+        pos = {int(c): i for i, c in enumerate(meta["cond_ids"])}
+        missing = [int(c) for c in ids if int(c) not in pos]
+        if missing:
+            raise KeyError(f"conditioning features missing for cond_index {missing[:5]}")
+        return ids, meta["cond_features"][[pos[int(c)] for c in ids]].astype(np.float32), "samples file"
+    if features_file is None:
+        raise FileNotFoundError("no features file given (--features) for the conditioning representations")
+    attrs = h5schema.check_features_file(features_file, deep=False)
+    if int(ids[-1]) >= int(attrs["num_images"]):
+        raise ValueError(
+            f"cond_index up to {int(ids[-1])} but {features_file} has {attrs['num_images']} rows"
+        )
+    out = np.empty((len(ids), int(attrs["dim"])), dtype=np.float32)
+    with h5py.File(features_file, "r") as h5:
+        ds = h5[h5schema.FEATURES]
+        step = max(1, (256 << 20) // (8 * int(attrs["dim"])))
+        for lo in range(0, len(ids), step):
+            out[lo : lo + step] = ds[ids[lo : lo + step], 0]
+    return ids, out, str(features_file)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+class _Embedder:
+    """Conditioning-encoder representations of uint8 samples, preprocessed exactly like extraction."""
+
+    def __init__(self, encoder: torch.nn.Module, device: torch.device, workers: int) -> None:
+        self.encoder = encoder.to(device).eval()
+        self.device = device
+        self.pool = ThreadPoolExecutor(max(1, workers))  # PIL resizes release the GIL
+
+    def __call__(self, images: np.ndarray) -> torch.Tensor:
+        from PIL import Image
+
+        from rcdm.preprocess import center_crop_arr, encoder_input
+
+        size = int(self.encoder.input_size)
+        crops = list(self.pool.map(lambda a: center_crop_arr(Image.fromarray(a), size), images))
+        x = encoder_input(torch.from_numpy(np.stack(crops)).to(self.device), self.encoder.input_norm)
+        return self.encoder(x).float()
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+def evaluate(
+    samples: str | os.PathLike,
+    *,
+    features: str | os.PathLike | None = None,
+    encoder: torch.nn.Module | None = None,
+    encoder_missing: str = "no encoder given",
+    inception=None,
+    inception_missing: str = "no Inception network given",
+    reference_images: str | os.PathLike | None = None,
+    reference_stats: str | os.PathLike | None = None,
+    n_reference: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    rank_metric: str = "cosine",
+    with_precision_recall: bool = False,
+    is_splits: int = 10,
+    batch_size: int = 100,
+    workers: int = 4,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Evaluation:
+    """Compute every metric that the given inputs allow for the samples in ``samples`` (a samples ``.npz``).
+
+    ``inception`` (a :class:`rcdm.inception.FIDInception`) enables FID (against ``reference_stats`` or the
+    statistics of ``reference_images``), IS and precision/recall; ``encoder`` (the conditioning encoder)
+    enables FD_rep and rank/MRR against ``features`` (or the samples file's own conditioning features).
+    ``*_missing`` explain in the status column why a network is absent.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    ev = Evaluation()
+    samples = Path(samples)
+    shape, dtype = npz_array_shape(samples)
+    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
+        raise ValueError(f"{samples}: arr_0 is {dtype} {shape}, expected uint8 [N, H, W, 3]")
+    n = shape[0]
+    meta = read_npz_meta(samples)
+    settings = meta["settings"]
+    ev.values.update(
+        n_samples=n, sampler=settings.get("sampler"), steps=settings.get("num_steps", settings.get("steps")),
+        eta=settings.get("eta"), seed=settings.get("seed"),
+        samples_per_image=settings.get("samples_per_image"),
+        checkpoint_sha256=settings.get("checkpoint_sha256"), dataset=settings.get("dataset"),
+        encoder=settings.get("encoder"), layer=settings.get("layer"), samples_file=str(samples),
+    )  # fmt: skip
+
+    # --- conditionings (for FD_rep and rank)
+    cond = None
+    if encoder is None:
+        ev.status.append(f"fd_rep, rank: {encoder_missing}")
+    else:
+        try:
+            cond = conditioning_embeddings(meta, features)
+        except FileNotFoundError as err:
+            ev.status.append(f"fd_rep, rank: {err}")
+            encoder = None
+        if cond is not None and cond[1].shape[1] != int(encoder.dim):
+            raise ValueError(
+                f"the encoder gives {encoder.dim}-d representations but the conditionings ({cond[2]}) are "
+                f"{cond[1].shape[1]}-d: evaluate with the encoder and layer the samples were conditioned on"
+            )
+    if inception is None:
+        ev.status.append(f"fid, is: {inception_missing}")
+    else:
+        ev.values["inception_sha256"] = inception.weights_sha256
+
+    # --- one streaming pass over the samples
+    inc_stats = RunningStats(2048, device=device) if inception is not None else None
+    rep_stats = RunningStats(int(encoder.dim), device=device) if encoder is not None else None
+    logits, pools, embs = [], [], []
+    embedder = _Embedder(encoder, device, workers) if encoder is not None else None
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            bar = tqdm(total=n, unit="img", desc=f"evaluate {samples.name}", disable=not progress)
+            for chunk in iter_npz_array(samples, chunk=batch_size):
+                if inception is not None:
+                    pool, logit = inception.embed_uint8(torch.from_numpy(chunk.copy()))
+                    inc_stats.update(pool)
+                    logits.append(logit.float())
+                    if with_precision_recall:
+                        pools.append(pool.float())
+                if embedder is not None:
+                    emb = embedder(chunk)
+                    rep_stats.update(emb)
+                    embs.append(emb)
+                bar.update(len(chunk))
+            bar.close()
+    finally:
+        if embedder is not None:
+            embedder.close()
+    ev.values["seconds_embed"] = time.perf_counter() - t0
+
+    # --- realism
+    if inception is not None:
+        ref = None
+        if reference_stats is not None and not with_precision_recall:
+            ref = load_reference_stats(reference_stats)
+        elif reference_images is not None:
+            ref = reference_statistics(
+                inception, reference_images, n_reference=n_reference, cache_dir=cache_dir,
+                batch_size=batch_size, with_features=with_precision_recall, progress=progress,
+            )  # fmt: skip
+        elif reference_stats is not None:
+            ref = load_reference_stats(reference_stats)
+            ev.status.append("precision/recall: needs --reference-images (statistics have no features)")
+        else:
+            ev.status.append(
+                "fid: no reference images (--reference-images) or statistics (--reference-stats)"
+            )
+        if ref is not None:
+            if n < 2:
+                ev.status.append("fid: needs at least 2 samples")
+            else:
+                ev.values["fid"] = frechet_distance_stats(
+                    inc_stats, ref["mu"], ref["sigma"], rows2=ref.get("features")
+                )
+            ev.values["n_reference"] = int(ref["n"]) if "n" in ref else None
+            if with_precision_recall and "features" in ref:
+                pr = precision_recall(ref["features"], torch.cat(pools), k=3, device=device)
+                ev.values.update(pr)
+        if n >= is_splits:
+            ev.values["is_mean"], ev.values["is_std"] = inception_score(torch.cat(logits), splits=is_splits)
+        else:
+            ev.status.append(f"is: needs at least {is_splits} samples (splits), got {n}")
+
+    # --- faithfulness
+    if encoder is not None and cond is not None:
+        ids, cond_emb, _ = cond
+        ev.values["n_cond"] = len(ids)
+        ev.values["rank_metric"] = rank_metric
+        if n >= 2 and len(ids) >= 2:
+            cond64 = cond_emb.astype(np.float64)
+            ev.values["fd_rep"] = frechet_distance_stats(
+                rep_stats, cond64.mean(0), np.cov(cond64, rowvar=False), rows2=cond64
+            )
+        else:
+            ev.status.append("fd_rep: needs at least 2 samples and 2 conditionings")
+        sample_to_cond = np.searchsorted(ids, meta["cond_index"])
+        ranks = rank_mrr(
+            torch.cat(embs), torch.from_numpy(cond_emb).to(device), rank_metric,
+            sample_to_cond=sample_to_cond, device=device,
+        )  # fmt: skip
+        ev.values.update({k: ranks[k] for k in ("mean_rank", "median_rank", "mrr", "top1", "top5")})
+        ev.values["chance_mrr"] = chance_mrr(len(ids))
+    return ev
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def write_metrics_csv(path: str | os.PathLike, row: dict[str, Any]) -> Path:
+    """Write one metrics row (all :data:`COLUMNS`, empty where None) atomically."""
+    import pandas as pd
+
+    path = Path(path)
+    with atomic_path(path, suffix=".csv") as tmp:
+        pd.DataFrame([row], columns=list(COLUMNS)).to_csv(tmp, index=False, float_format="%.6g")
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--samples", required=True, help="samples .npz written by `rcdm merge-samples`")
+    parser.add_argument("--out", required=True, help="metrics.csv to write")
+    parser.add_argument("--run-id", help="run identifier (default: the samples file's folder name)")
+    parser.add_argument("--dataset", help="dataset name for the table (default: from the samples' settings)")
+    g = parser.add_argument_group("realism (FID, IS, precision/recall)")
+    g.add_argument("--weights-dir", default="weights", help="folder holding the FID Inception weights file")
+    g.add_argument("--reference-images", help="images file whose images are the FID reference set")
+    g.add_argument("--reference-stats", help=".npz with mu and sigma of the reference set (instead)")
+    g.add_argument("--n-reference", type=int, help="seeded random subset of the reference images")
+    g.add_argument("--cache-dir", help="where reference statistics are cached (default: beside --out)")
+    g.add_argument("--precision-recall", action="store_true", help="also k-NN precision/recall (k=3)")
+    g.add_argument("--is-splits", type=int, default=10)
+    g = parser.add_argument_group("faithfulness (FD_rep, rank, MRR)")
+    g.add_argument("--features", help="features file of the conditioning images (index 0 rows)")
+    g.add_argument("--encoder", help="conditioning encoder (default: the features file's)")
+    g.add_argument("--encoder-checkpoint", help="its weights file; without it FD_rep and rank are skipped")
+    g.add_argument("--layer", choices=("trunk", "head"), help="default: the features file's layer")
+    g.add_argument("--trust-encoder", action="store_true", help="allow encoder files that unpickle code")
+    g.add_argument("--rank-metric", default="cosine", choices=("cosine", "l2"))
+    g = parser.add_argument_group("execution")
+    g.add_argument("--batch-size", type=int, default=100)
+    g.add_argument("--workers", type=int, default=4, help="threads cropping samples for the encoder")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def _load_encoder(args, settings: dict[str, Any]) -> tuple[torch.nn.Module | None, str]:
+    """The conditioning encoder configured like extraction, or None and the reason."""
+    from rcdm import encoders
+
+    attrs = h5schema.check_features_file(args.features, deep=False) if args.features else {}
+    name = args.encoder or attrs.get("encoder") or settings.get("encoder")
+    layer = args.layer or attrs.get("layer") or settings.get("layer") or "trunk"
+    if not name:
+        return None, "no encoder named (--encoder)"
+    if not args.encoder_checkpoint and ":" not in name:
+        return None, f"no checkpoint for encoder {name!r} given (--encoder-checkpoint)"
+    if args.encoder_checkpoint and not Path(args.encoder_checkpoint).is_file():
+        return None, f"encoder checkpoint not found at {args.encoder_checkpoint}"
+    recorded = attrs.get("checkpoint_sha256") or ""
+    if args.encoder_checkpoint and recorded and sha256_file(args.encoder_checkpoint) != recorded:
+        raise SystemExit(
+            f"rcdm evaluate: {args.encoder_checkpoint} is not the encoder file the features were extracted "
+            f"with (sha256 {recorded[:12]}...)"
+        )
+    enc = encoders.load(
+        name, args.encoder_checkpoint, layer, trust=args.trust_encoder,
+        input_size=attrs.get("input_size") or settings.get("encoder_input_size") or None,
+        input_norm=attrs.get("input_norm") or settings.get("encoder_input_norm") or None,
+    )  # fmt: skip
+    return enc, ""
+
+
+def run(args: argparse.Namespace) -> int:
+    import datetime
+
+    from rcdm.inception import InceptionWeightsMissing, load_inception
+
+    device = torch.device(args.device)
+    settings = read_npz_meta(args.samples)["settings"]
+    try:
+        inception, inception_missing = load_inception(args.weights_dir, device=device), ""
+    except InceptionWeightsMissing as err:
+        inception, inception_missing = None, str(err)
+        print(f"rcdm evaluate: {err}", file=sys.stderr)
+    encoder, encoder_missing = _load_encoder(args, settings)
+    if encoder is None:
+        print(f"rcdm evaluate: FD_rep and rank skipped: {encoder_missing}", file=sys.stderr)
+    ev = evaluate(
+        args.samples, features=args.features, encoder=encoder, encoder_missing=encoder_missing,
+        inception=inception, inception_missing=inception_missing, reference_images=args.reference_images,
+        reference_stats=args.reference_stats, n_reference=args.n_reference,
+        cache_dir=args.cache_dir or Path(args.out).parent / "cache", rank_metric=args.rank_metric,
+        with_precision_recall=args.precision_recall, is_splits=args.is_splits, batch_size=args.batch_size,
+        workers=args.workers, device=device, progress=not args.no_progress,
+    )  # fmt: skip
+    ev.values["run_id"] = args.run_id or Path(args.samples).resolve().parent.name
+    if args.dataset:
+        ev.values["dataset"] = args.dataset
+    if encoder is not None:
+        ev.values["encoder"], ev.values["layer"] = encoder.encoder_name, encoder.layer
+    ev.values["timestamp"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    row = ev.row()
+    write_metrics_csv(args.out, row)
+    shown = {k: row[k] for k in ("fid", "is_mean", "fd_rep", "mean_rank", "mrr", "chance_mrr", "status")}
+    print(f"rcdm evaluate: {shown}", file=sys.stderr)
+    print(args.out)
+    return 0
