@@ -28,7 +28,8 @@ def runs(tmp_path):
         "d/metrics.csv": _row(run_id="simclr-trunk", encoder="simclr", layer="trunk", fid=10.0, top1=0.25,
                              timestamp="2026-01-01T00:00:00+00:00"),
         "e/metrics.csv": _row(run_id="demo", dataset="shapes", encoder="small", layer="trunk",
-                             sampler="dpm-solver++", steps=20, fid=5.0, timestamp="2026-01-01T00:00:00+00:00"),
+                             sampler="dpm-solver++", steps=20, fid=5.0,
+                             timestamp="2026-01-01T00:00:00+00:00"),
     }  # fmt: skip
     for rel, row in rows.items():
         write_metrics_csv(tmp_path / "runs" / rel, row)
