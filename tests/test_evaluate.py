@@ -260,6 +260,7 @@ def test_missing_inception_and_encoder_leave_metrics_empty_with_reasons(toy, tmp
     assert np.isnan(r["fid"]) and np.isnan(r["is_mean"]) and np.isnan(r["mrr"]) and np.isnan(r["fd_rep"])
     assert INCEPTION_FILE in r["status"] and INCEPTION_URL in r["status"]
     assert "--encoder-checkpoint" in r["status"]
+    assert r["n_cond"] == 4 and r["chance_mrr"] == pytest.approx(25 / 48)  # needs no network
     # with the encoder but still without Inception: faithfulness metrics are computed, FID stays empty
     ev_mod.run(parser.parse_args(argv + ["--encoder-checkpoint", str(toy["enc"])]))
     r = pd.read_csv(tmp_path / "m.csv").iloc[0]
