@@ -217,7 +217,7 @@ def run_tradeoff(args: argparse.Namespace) -> dict[str, Any]:
     """Sample and score every grid setting (reusing finished ones), then write CSV, PNG and JSON."""
     from rcdm import h5schema
     from rcdm.checkpoint import load_model
-    from rcdm.sample import FeatureConditioning, select_conditionings
+    from rcdm.sample import FeatureConditioning, load_flags, select_conditionings
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     grid = _parse_grid(args.samplers, args.steps)
@@ -226,8 +226,15 @@ def run_tradeoff(args: argparse.Namespace) -> dict[str, Any]:
         raise FileNotFoundError(f"features file not found: {features}")
     if args.images is not None:
         h5schema.check_features_file(features, args.images, deep=False)  # rows must pair up
-    flags = json.loads(Path(args.flags).read_text()) if args.flags else None
+    flags = load_flags(args.model_flags)
     model, diffusion = load_model(args.checkpoint, flags, trust=args.trust_checkpoint, device=device)
+    if args.images is not None:
+        size = int(h5schema.check_images_file(args.images, deep=False)["image_size"])
+        if size != int(model.image_size):
+            raise ValueError(
+                f"the model samples {model.image_size} px images but {args.images} holds {size} px images: "
+                "give the model's flags (--model-flags model_flags.json)"
+            )
     cond = FeatureConditioning(features)
     if int(model.ssl_dim or 0) != cond.dim:
         raise ValueError(f"the model expects {model.ssl_dim}-d representations, {features} has {cond.dim}-d")
@@ -296,7 +303,9 @@ def run_tradeoff(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="trained RCDM checkpoint (EMA state dict)")
-    parser.add_argument("--flags", default=None, help="model flags JSON file (default: from the checkpoint)")
+    parser.add_argument(
+        "--model-flags", default=None, help="model flags JSON/YAML (model_flags.json beside a trained model)"
+    )
     parser.add_argument("--trust-checkpoint", action="store_true", help="allow files that unpickle code")
     parser.add_argument("--features", required=True, help="validation features file (conditionings)")
     parser.add_argument("--images", default=None, help="its images file: adds the real-images ceiling")

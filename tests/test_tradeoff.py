@@ -109,6 +109,10 @@ def test_recommend_picks_cheapest_near_best():
 
 
 def test_bad_inputs_are_named(demo, tmp_path):
+    flags = tmp_path / "flags.json"
+    flags.write_text(json.dumps({**FLAGS, "image_size": 16, "attention_resolutions": "8"}))
+    with pytest.raises(ValueError, match="samples 16 px images but .* holds 8 px images"):
+        main([*_argv(demo, tmp_path), "--model-flags", str(flags)])
     with pytest.raises(ValueError, match="unknown"):
         main([*_argv(demo, tmp_path)[:-2], "--samplers", "euler", "--out", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="features file not found"):
