@@ -92,6 +92,7 @@ def plot(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     panels = (("fd_rep", "FD_rep (lower is better)"), ("mrr", "MRR (higher is better)"))
@@ -108,6 +109,9 @@ def plot(
                     markeredgecolor="black", linestyle="none",
                     label=f"recommended: {pick['sampler']} {pick['steps']}")  # fmt: skip
         ax.set_xscale("log")
+        ax.set_xticks(sorted({r["nfe"] for r in rows}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("UNet evaluations per sample (NFE)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
