@@ -639,7 +639,8 @@ def run_benchmarks(
     both speed-up ratios.
 
     With several rounds the timings of a row are pooled over rounds, so a slow drift of the machine (other
-    jobs on shared cores) affects every variant alike instead of whichever ran during the busy spell.
+    jobs on shared cores) affects every variant alike instead of whichever ran during the busy spell; each
+    round starts with a different variant, so no variant always pays for running first.
     """
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
@@ -649,7 +650,8 @@ def run_benchmarks(
     pooled: dict[tuple, dict[str, Any]] = {}
     for r in range(rounds):
         for name in names:
-            for variant in variant_list:
+            shift = r % len(variant_list)  # rotate the order: no variant always runs first (cold caches)
+            for variant in variant_list[shift:] + variant_list[:shift]:
                 found = BENCHMARKS[name](ctx, variant)
                 what = f"round {r + 1}/{rounds} {name} / {variant.name}"
                 print(f"rcdm bench: {what}: {len(found)} measurement(s)", file=sys.stderr)
