@@ -197,7 +197,7 @@ def test_micro_logs_benchmarks_and_rerun(micro_run):
     bench = work / "benchmarks" / exp / "train" / "demo" / "trunk.tsv"
     assert bench.read_text().startswith("s\t")
     # training checkpoints are kept outside the declared outputs, for resuming
-    assert list((res / "checkpoints" / "demo" / "trunk").glob("ckpt_*.pt"))
+    assert list((res / "checkpoints" / "demo" / "trunk").glob("*/ckpt_*.pt"))
     micro = str(ROOT / "config" / "micro.yaml")
     proc = snakemake("-n", "--cores", "2", "--configfile", micro, cwd=work)
     assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr

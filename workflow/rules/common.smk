@@ -234,6 +234,16 @@ def ema_file(encoder: str, layer: str) -> str:
     return f"{model_dir(encoder, layer)}/ema_{float(config['train']['ema_rates'][0])!r}_final.pt"
 
 
+def checkpoint_dir(encoder: str, layer: str) -> str:
+    """Resumable training state, outside the declared outputs; one folder per model configuration, so a rerun
+    with the same flags resumes while changed flags start afresh (old checkpoints stay until deleted)."""
+    import hashlib
+    import json
+
+    flags = json.dumps({**config["model"], "image_size": config["data"]["image_size"]}, sort_keys=True)
+    return f"{R}/checkpoints/{encoder}/{layer}/{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
+
+
 def train_launcher(wildcards, resources) -> str:
     """`rcdm` for one process; torchrun with one process per GPU when the rule has several GPUs."""
     gpus = int(getattr(resources, "gpu", 0) or 0)

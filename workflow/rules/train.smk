@@ -31,7 +31,7 @@ rule train:
         f"{BENCH}/train/{{encoder}}/{{layer}}.tsv"
     params:
         launch=train_launcher,
-        out=lambda wc: opts(out=model_dir(wc.encoder, wc.layer), ckpt_dir=f"{R}/checkpoints/{wc.encoder}/{wc.layer}"),
+        out=lambda wc: opts(out=model_dir(wc.encoder, wc.layer), ckpt_dir=checkpoint_dir(wc.encoder, wc.layer)),
         opts=train_opts(),
         device=device_opt(),
         extra=extra("train"),
