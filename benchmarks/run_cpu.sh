@@ -12,11 +12,11 @@ mkdir -p "$out"
 # a batch sweep of distinct conditionings; full training steps.
 # Round-robin rounds: on a shared host, load drift then hits every variant alike.
 rcdm bench --flags small --benchmarks sample,train --samplers ddim:2 --batch-sizes 1,4 \
-  --train-batch-size 4 --dtype fp32 bf16 --channels-last --attention-einsum --repeats 1 --warmup 1 --rounds 4 \
+  --train-batch-size 4 --dtype fp32 bf16 --channels-last --attention-einsum --repeats 1 --warmup 1 --rounds 5 \
   --out "$out" --name unet_small
 
 # torch.compile on its own (compilation takes minutes on CPU; measured after the warm-up call)
-rcdm bench --flags small --benchmarks sample --samplers ddim:2 --batch-size 4 --compile --repeats 2 \
+rcdm bench --flags small --benchmarks sample --samplers ddim:2 --batch-size 4 --compile --repeats 2 --rounds 2 \
   --warmup 2 --out "$out" --name compile_small
 
 # Optimizer / EMA updates, HDF5 reading with prefetching workers, extraction, evaluation (ResNet-50 encoder

@@ -381,10 +381,8 @@ def bench_update(ctx: BenchContext, variant: Variant) -> list[dict[str, Any]]:
     for p in params:
         p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(ctx.device)
     rows = []
-    for impl in ("for-loop", "foreach", "fused"):
-        kw = {"foreach": False} if impl == "for-loop" else {"foreach": True} if impl == "foreach" else {}
-        if impl == "fused":
-            kw = {"fused": True}
+    impls = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    for impl, kw in impls.items():
         try:
             opt = torch.optim.AdamW(params, lr=1e-4, **kw)
             opt.step()  # fused AdamW is not implemented for every device / dtype: fail here, not mid-timing
