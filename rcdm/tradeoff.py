@@ -223,7 +223,8 @@ def run_tradeoff(args: argparse.Namespace) -> dict[str, Any]:
     from rcdm.checkpoint import load_model
     from rcdm.sample import FeatureConditioning, load_flags, select_conditionings
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    auto = args.device in (None, "auto")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if auto else args.device)
     grid = _parse_grid(args.samplers, args.steps)
     features = Path(args.features)
     if not features.is_file():
@@ -255,8 +256,8 @@ def run_tradeoff(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     sample_dir = out / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)
-    identity = {"checkpoint_sha256": sha256_file(args.checkpoint), "features": str(features.resolve()),
-                "num_cond": len(ids), "seed": args.seed}  # fmt: skip
+    identity = {"checkpoint_sha256": sha256_file(args.checkpoint), "model_flags": flags,
+                "features": str(features.resolve()), "num_cond": len(ids), "seed": args.seed}  # fmt: skip
     rows = []
     for sampler, steps in grid:
         npz = sample_dir / f"{sampler}_{steps}.npz"
@@ -308,8 +309,9 @@ def run_tradeoff(args: argparse.Namespace) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="trained RCDM checkpoint (EMA state dict)")
     parser.add_argument(
-        "--model-flags", default=None, help="model flags JSON/YAML (model_flags.json beside a trained model)"
-    )
+        "--model-flags", "--flags", dest="model_flags", default=None,
+        help="model flags JSON/YAML (model_flags.json beside a trained model; default: inferred)",
+    )  # fmt: skip
     parser.add_argument("--trust-checkpoint", action="store_true", help="allow files that unpickle code")
     parser.add_argument("--features", required=True, help="validation features file (conditionings)")
     parser.add_argument("--images", default=None, help="its images file: adds the real-images ceiling")
@@ -328,7 +330,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cuda-graph", action="store_true", help="replay the UNet as a CUDA graph (CUDA only)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    parser.add_argument("--device", default="auto", help="auto / cuda / cuda:N / cpu")
     parser.add_argument("--out", default="results/tradeoff", help="output directory")
 
 
