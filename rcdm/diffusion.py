@@ -240,6 +240,11 @@ class GaussianDiffusion:
                 f"betas must be a 1-D array with values in (0, 1], got shape {betas.shape}, range "
                 f"[{betas.min():.4g}, {betas.max():.4g}] (the linear schedule needs steps >= 20)"
             )
+        if len(betas) < 2:
+            raise ValueError(
+                f"a diffusion needs at least 2 timesteps, got {len(betas)} (respacing to 1 step leaves no "
+                "posterior to sample from; use 2 or more steps, or dpm-solver++ for a single evaluation)"
+            )
         self.betas = betas
         self.num_timesteps = int(betas.shape[0])
         if not hasattr(self, "timestep_map"):  # not already set by SpacedDiffusion

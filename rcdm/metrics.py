@@ -95,7 +95,7 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     trace_covmean = _clip_rounding(_eigh(inner, vectors=False)).sqrt().sum().to(s1.device)
     diff = m1 - m2
     value = diff @ diff + torch.trace(s1) + torch.trace(s2) - 2 * trace_covmean
-    return float(value)
+    return max(float(value), 0.0)  # a distance: what falls below 0 is rounding of equal statistics
 
 
 def frechet_distance_from_samples(x1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:

@@ -307,3 +307,12 @@ def test_training_after_sampling_and_published_positional_calls():
     assert weight.grad is not None and torch.isfinite(weight.grad).all()
     with pytest.raises(NotImplementedError, match="cond_fn"):
         d.p_sample_loop(model, (2, 3, 4, 4), cond_fn=lambda x, t: x)
+
+
+@pytest.mark.parametrize(
+    "respacing, message", [("1", "at least 2 timesteps"), ("ddim1", "cannot create exactly 1 steps")]
+)
+def test_single_step_respacing_is_a_clear_error(respacing, message):
+    base = create_gaussian_diffusion(steps=1000)
+    with pytest.raises(ValueError, match=message):
+        base.respaced(respacing)
