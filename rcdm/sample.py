@@ -261,16 +261,18 @@ def generate_shard(
     precision: str = "fp32",
     progress: bool = True,
     overwrite: bool = False,
+    cuda_graph: bool = False,
 ) -> Path:
     """Sample ``settings["samples_per_image"]`` images per conditioning in ``cond_ids`` into ``out_path``.
 
     ``settings`` needs ``seed``, ``sampler``, ``steps``, ``eta``, ``clip_denoised``, ``samples_per_image`` and
     ``image_size``; all of it is stored. A complete file with equal settings is left alone (returned as is);
     one with other settings raises :class:`ShardSettingsMismatch` unless ``overwrite``. Returns the path.
+    ``cuda_graph`` replays one captured CUDA graph of the model per batch shape (CUDA only).
     """
     from tqdm.auto import tqdm
 
-    from rcdm.samplers import sample
+    from rcdm.samplers import CudaGraphModel, sample
 
     out_path = Path(out_path)
     device = torch.device(device)
@@ -317,6 +319,8 @@ def generate_shard(
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
+    if cuda_graph and device.type == "cuda":
+        model = CudaGraphModel(model)  # captured once per batch shape, replayed for every batch and step
     bar = tqdm(total=n, initial=start, unit="img", desc=f"sample {out_path.name}", disable=not progress)
     t0 = time.perf_counter()
     with h5py.File(partial, "r+") as h5:
@@ -329,7 +333,7 @@ def generate_shard(
                 x = sample(
                     model, diffusion, (hi - lo, 3, size, size), sampler=settings["sampler"],
                     steps=settings["steps"], eta=settings["eta"], clip_denoised=settings["clip_denoised"],
-                    model_kwargs={"feat": feat}, generators=gens, device=device,
+                    model_kwargs={"feat": feat}, generators=gens, device=device, cuda_graph=cuda_graph,
                 )  # fmt: skip
             images = to_uint8(x).cpu().numpy()
             h5[SAMPLES][lo:hi] = images
@@ -394,6 +398,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS), help="autocast precision")
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
+    g.add_argument("--cuda-graph", action="store_true", help="replay a captured CUDA graph per step (CUDA)")
     g = parser.add_argument_group("output")
     g.add_argument("--out", required=True, help="output name X.h5; shard i of k writes X.part-i-of-k.h5")
     g.add_argument("--shard", type=int, default=0)
@@ -481,6 +486,7 @@ def run(args: argparse.Namespace) -> int:
         generate_shard(
             model, diffusion, cond, selected[lo:hi], out, settings, batch_size=args.batch_size, device=device,
             precision=args.precision, progress=not args.no_progress, overwrite=args.overwrite,
+            cuda_graph=args.cuda_graph,
         )  # fmt: skip
     finally:
         cond.close()

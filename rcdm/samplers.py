@@ -101,7 +101,7 @@ class CudaGraphModel:
 
 
 def _maybe_graphed(model: Model, device: torch.device, cuda_graph: bool) -> Model:
-    if not cuda_graph:
+    if not cuda_graph or isinstance(model, CudaGraphModel):  # a caller-held wrapper keeps its graphs
         return model
     if device.type != "cuda":
         warnings.warn(
