@@ -7,7 +7,6 @@ it produced (HDF5 layouts, samples.npz, grids, metrics) and compare values with 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import re
 import subprocess
@@ -116,8 +115,7 @@ def test_imagenet_config_builds_the_full_dag(tmp_path):
     assert counts["sample"] == runs * (cfg["sample"]["shards"] + len(cfg["data"]["ood"]))
     assert counts["merge_samples"] == runs * (1 + len(cfg["data"]["ood"]))
     assert counts["fetch"] == len(cfg["encoders"]) + 1  # encoder files + the Inception weights
-    if importlib.util.find_spec("rcdm.tabulate") is not None:  # the stage of issue 5, once it exists
-        assert counts["tabulate"] == 1
+    assert counts["tabulate"] == 1
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -187,6 +185,10 @@ def test_micro_metrics(micro_run):
         assert math.isfinite(float(row["fd_rep"])) and float(row["fd_rep"]) >= 0
         assert row["fid"] == ""  # no Inception weights in a scratch weights_dir: empty, never made up
         assert "Inception" in row["status"]
+    with open(res / "tables" / "metrics_all.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(cfg["encoders"]["demo"]["layers"])  # one row per run
+    assert "MRR" in (res / "tables" / "table1.md").read_text()
 
 
 @pytest.mark.slow

@@ -397,11 +397,11 @@ def study_targets() -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- targets
 def all_targets() -> list[str]:
-    """What `snakemake` builds by default: every run's sample sets and grids, metrics, and the studies."""
+    """What `snakemake` builds by default: every run's samples and grids, metrics, studies, the tables."""
     targets = []
     for encoder, layer in runs():
         targets += [samples_npz(encoder, layer, dataset) for dataset in ["val", *config["data"]["ood"]]]
         targets.append(metrics_file(encoder, layer))
     if config["tradeoff"]["run"]:
         targets += [f"{tradeoff_dir(e, l)}/tradeoff.csv" for e, l in runs()]
-    return targets + study_targets()
+    return targets + study_targets() + list(rules.tabulate.output)
