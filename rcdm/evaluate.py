@@ -40,7 +40,7 @@ from rcdm.sample_merge import iter_npz_array, npz_array_shape, read_npz_meta
 
 #: metrics.csv columns, in order (the first ones are the paper's Table 1 fields)
 COLUMNS = (
-    "run_id", "dataset", "encoder", "layer", "sampler", "steps", "n_samples", "n_reference",
+    "run_id", "dataset", "encoder", "layer", "sampler", "steps", "n_samples", "n_fid", "n_reference",
     "fid", "is_mean", "is_std", "fd_rep", "mean_rank", "median_rank", "mrr", "top1", "top5", "chance_mrr",
     "precision", "recall", "inception_sha256", "status",
     "n_cond", "samples_per_image", "rank_metric", "eta", "seed", "checkpoint_sha256", "samples_file",
@@ -221,6 +221,7 @@ def evaluate(
     reference_images: str | os.PathLike | None = None,
     reference_stats: str | os.PathLike | None = None,
     n_reference: int | None = None,
+    n_fid: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     rank_metric: str = "cosine",
     with_precision_recall: bool = False,
@@ -235,7 +236,9 @@ def evaluate(
     ``inception`` (a :class:`rcdm.inception.FIDInception`) enables FID (against ``reference_stats`` or the
     statistics of ``reference_images``), IS and precision/recall; ``encoder`` (the conditioning encoder)
     enables FD_rep and rank/MRR against ``features`` (or the samples file's own conditioning features).
-    ``*_missing`` explain in the status column why a network is absent.
+    ``*_missing`` explain in the status column why a network is absent. ``n_fid`` limits the Inception
+    metrics (FID, IS, precision/recall) to the first ``n_fid`` samples (the paper: 10,000 for FID/IS, all
+    50,000 for rank/MRR), which also saves those Inception passes.
     """
     from tqdm.auto import tqdm
 
@@ -246,6 +249,7 @@ def evaluate(
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
         raise ValueError(f"{samples}: arr_0 is {dtype} {shape}, expected uint8 [N, H, W, 3]")
     n = shape[0]
+    n_inc = n if n_fid is None else min(n, int(n_fid))
     meta = read_npz_meta(samples)
     settings = meta["settings"]
     ev.values.update(
@@ -279,6 +283,7 @@ def evaluate(
         ev.status.append(f"fid, is: {inception_missing}")
     else:
         ev.values["inception_sha256"] = inception.weights_sha256
+        ev.values["n_fid"] = n_inc
 
     # --- one streaming pass over the samples
     inc_stats = RunningStats(2048, device=device) if inception is not None else None
@@ -289,9 +294,12 @@ def evaluate(
     try:
         with torch.inference_mode():
             bar = tqdm(total=n, unit="img", desc=f"evaluate {samples.name}", disable=not progress)
+            seen = 0
             for chunk in iter_npz_array(samples, chunk=batch_size):
-                if inception is not None:
-                    pool, logit = inception.embed_uint8(torch.from_numpy(chunk.copy()))
+                head = chunk[: max(0, n_inc - seen)]
+                seen += len(chunk)
+                if inception is not None and len(head):
+                    pool, logit = inception.embed_uint8(torch.from_numpy(head.copy()))
                     inc_stats.update(pool)
                     logits.append(logit.float())
                     if with_precision_recall:
@@ -325,7 +333,7 @@ def evaluate(
                 "fid: no reference images (--reference-images) or statistics (--reference-stats)"
             )
         if ref is not None:
-            if n < 2:
+            if n_inc < 2:
                 ev.status.append("fid: needs at least 2 samples")
             else:
                 ev.values["fid"] = frechet_distance_stats(
@@ -335,10 +343,10 @@ def evaluate(
             if with_precision_recall and "features" in ref:
                 pr = precision_recall(ref["features"], torch.cat(pools), k=3, device=device)
                 ev.values.update(pr)
-        if n >= is_splits:
+        if n_inc >= is_splits:
             ev.values["is_mean"], ev.values["is_std"] = inception_score(torch.cat(logits), splits=is_splits)
         else:
-            ev.status.append(f"is: needs at least {is_splits} samples (splits), got {n}")
+            ev.status.append(f"is: needs at least {is_splits} samples (splits), got {n_inc}")
 
     # --- faithfulness
     if encoder is not None and cond is not None:
@@ -384,6 +392,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--reference-images", help="images file whose images are the FID reference set")
     g.add_argument("--reference-stats", help=".npz with mu and sigma of the reference set (instead)")
     g.add_argument("--n-reference", type=int, help="seeded random subset of the reference images")
+    g.add_argument(
+        "--n-fid", type=int, help="Inception metrics on the first N samples only (paper: 10000); default all"
+    )
     g.add_argument("--cache-dir", help="where reference statistics are cached (default: beside --out)")
     g.add_argument("--precision-recall", action="store_true", help="also k-NN precision/recall (k=3)")
     g.add_argument("--is-splits", type=int, default=10)
@@ -446,7 +457,7 @@ def run(args: argparse.Namespace) -> int:
     ev = evaluate(
         args.samples, features=args.features, encoder=encoder, encoder_missing=encoder_missing,
         inception=inception, inception_missing=inception_missing, reference_images=args.reference_images,
-        reference_stats=args.reference_stats, n_reference=args.n_reference,
+        reference_stats=args.reference_stats, n_reference=args.n_reference, n_fid=args.n_fid,
         cache_dir=args.cache_dir or Path(args.out).parent / "cache", rank_metric=args.rank_metric,
         with_precision_recall=args.precision_recall, is_splits=args.is_splits, batch_size=args.batch_size,
         workers=args.workers, device=device, progress=not args.no_progress,

@@ -207,6 +207,28 @@ def test_evaluate_computes_every_metric_from_its_definition(toy, weights_dir):
     assert len(list((toy["root"] / "cache").glob("fid_ref_*.npz"))) == 1
 
 
+def test_n_fid_limits_inception_metrics_to_the_first_samples(toy, weights_dir):
+    from rcdm import encoders
+
+    inc = _small_inception(weights_dir)
+    enc = encoders.load("small", toy["enc"], "head")
+    row = ev_mod.evaluate(
+        toy["samples"], features=toy["root"] / "features.h5", encoder=enc, inception=inc, n_fid=5,
+        reference_images=toy["root"] / "images.h5", cache_dir=toy["root"] / "cache5", is_splits=2,
+        batch_size=3, workers=2, progress=False,
+    ).row()  # fmt: skip
+    images, src = toy["images"], toy["src"]
+    with torch.inference_mode():
+        pool, logits = inc.embed_uint8(torch.from_numpy(images))
+    pool, logits = pool.double().numpy(), logits.double().numpy()
+    assert row["n_fid"] == 5 and row["n_samples"] == 8
+    assert row["fid"] == pytest.approx(_fd_svd(pool[src[:5]], pool), rel=1e-4)
+    expected_is = inception_score(logits[src[:5]], splits=2)
+    assert (row["is_mean"], row["is_std"]) == pytest.approx(expected_is, rel=1e-4)
+    ranks = _expected(toy, inc)["ranks"]  # rank/MRR still use every sample
+    assert row["mean_rank"] == pytest.approx(ranks.mean())
+
+
 def test_cli_writes_metrics_csv_and_reuses_reference_cache(toy, weights_dir, monkeypatch, tmp_path):
     import rcdm.inception
 

@@ -97,10 +97,15 @@ def test_schema_fills_defaults(tmp_path):
 def test_imagenet_config_builds_the_full_dag(tmp_path):
     """The paper's setting: 4 SSL encoders x trunk/head + supervised, sharded; weights come by fetch jobs."""
     imagenet = str(ROOT / "config" / "imagenet.yaml")
-    proc = snakemake("-n", "--configfile", imagenet, "--cores", "1", cwd=tmp_path)
+    proc = snakemake("-n", "-p", "--configfile", imagenet, "--cores", "1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     counts = job_counts(proc.stdout)
     cfg = yaml.safe_load((ROOT / "config" / "imagenet.yaml").read_text())
+    # the paper's protocol: FID/IS on 10,000 samples against 10,000 val images, rank/MRR on all 50,000
+    evaluate_cmds = [line for line in proc.stdout.splitlines() if "rcdm evaluate " in line]
+    assert len(evaluate_cmds) == 9
+    assert all("--n-fid 10000" in c and "--n-reference 10000" in c for c in evaluate_cmds)
+    assert cfg["sample"]["num_conditionings"] is None and cfg["sample"]["samples_per_image"] == 1  # all val
     runs = sum(len(e["layers"]) for e in cfg["encoders"].values())
     assert runs == 9
     assert counts["train"] == runs

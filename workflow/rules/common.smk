@@ -335,6 +335,7 @@ def evaluate_opts() -> str:
     return opts(
         weights_dir=WEIGHTS,
         n_reference=e["n_reference"],
+        n_fid=e["n_fid"],
         rank_metric=e["rank_metric"],
         precision_recall=e["precision_recall"],
         batch_size=e["batch_size"],
