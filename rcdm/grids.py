@@ -28,9 +28,12 @@ def _as_uint8_hwc(image: np.ndarray, where: str) -> np.ndarray:
 
 
 def _fit(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize a square-ish image to ``size`` x ``size`` (bicubic) if it is not already that size."""
-    if image.shape[:2] == (size, size):
+    """``image`` as ``size`` x ``size``: whole-number enlargements repeat pixels, other sizes are bicubic."""
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
         return image
+    if h == w and size % h == 0:
+        return np.repeat(np.repeat(image, size // h, axis=0), size // h, axis=1)
     return np.asarray(Image.fromarray(image).resize((size, size), resample=Image.BICUBIC))
 
 
@@ -38,20 +41,22 @@ def make_grid(
     rows: Sequence[Sequence[np.ndarray]],
     *,
     cell: int | None = None,
+    min_cell: int = 64,
     pad: int = 2,
     background: int = 255,
     separator: int | None = None,
 ) -> np.ndarray:
     """Tile ``rows`` (each a sequence of uint8 images [H, W, 3]) into one uint8 image [H', W', 3].
 
-    Every image is placed in a ``cell`` x ``cell`` square (default: the first image's height); other sizes are
+    Every image is placed in a ``cell`` x ``cell`` square (default: the first image's height, repeated a whole
+    number of times up to at least ``min_cell`` pixels, so 16px samples stay visible); other sizes are
     resized bicubically. Rows may have different lengths; empty places show ``background``. ``separator``
     (a column index) widens the gap after that column, e.g. 1 to set the conditioning image apart.
     """
     if not rows or not any(len(r) for r in rows):
         raise ValueError("make_grid needs at least one image")
     first = _as_uint8_hwc(next(img for r in rows for img in r), "rows")
-    cell = cell or first.shape[0]
+    cell = cell or first.shape[0] * max(1, -(-min_cell // first.shape[0]))
     n_cols = max(len(r) for r in rows)
     extra = 2 * pad if separator is not None and 0 < separator < n_cols else 0
     height = len(rows) * cell + (len(rows) + 1) * pad

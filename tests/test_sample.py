@@ -225,7 +225,8 @@ def test_merge_writes_adm_npz_and_grid_with_conditioning_first(setup, tmp_path):
         [images[c] for c in cond_ids[:3]], [z["arr_0"][2 * i : 2 * i + 2] for i in range(3)]
     )
     np.testing.assert_array_equal(grid, expected)
-    np.testing.assert_array_equal(grid[2 : 2 + SIZE, 2 : 2 + SIZE], images[cond_ids[0]])
+    scale = 64 // SIZE  # 16px images are shown at 64px, each pixel repeated
+    np.testing.assert_array_equal(grid[2 : 2 + 64 : scale, 2 : 2 + 64 : scale], images[cond_ids[0]])
 
 
 def test_merge_refuses_missing_or_foreign_shards(setup, tmp_path):
@@ -281,7 +282,8 @@ def test_image_folder_conditioning_through_encoder(setup, tmp_path):
     z = _merge(tmp_path / "ood.h5", 1, tmp_path / "ood.npz", grid_rows=3, grid_cols=2)
     assert z["arr_0"].shape == (6, SIZE, SIZE, 3)
     grid = np.asarray(Image.open(tmp_path / "ood_grid.png"))
-    np.testing.assert_array_equal(grid[2 : 2 + SIZE, 2 : 2 + SIZE], cond_images[0])
+    scale = 64 // SIZE
+    np.testing.assert_array_equal(grid[2 : 2 + 64 : scale, 2 : 2 + 64 : scale], cond_images[0])
 
 
 def test_model_and_conditioning_dimension_mismatch_is_clear(setup, tmp_path):
@@ -296,11 +298,12 @@ def test_model_and_conditioning_dimension_mismatch_is_clear(setup, tmp_path):
 def test_grid_helper_layout_and_no_stretching():
     dark = np.full((4, 4, 3), 10, dtype=np.uint8)
     mid = np.full((4, 4, 3), 12, dtype=np.uint8)
-    g = make_grid([[dark, mid], [mid]], pad=1, background=0)
+    g = make_grid([[dark, mid], [mid]], pad=1, background=0, min_cell=1)
     assert g.shape == (1 + 2 * 5, 1 + 2 * 5, 3)
     assert g[1:5, 1:5].max() == 10 and g[1:5, 6:10].min() == 12  # values kept, not stretched to 0..255
     assert (g[6:10, 6:10] == 0).all()  # missing cell shows the background
     g2 = conditioning_grid([dark], [[mid, mid]], pad=1)
-    assert g2.shape[1] == 3 * 4 + 4 * 1 + 2  # the conditioning column is set apart
+    assert g2.shape[1] == 3 * 64 + 4 * 1 + 2  # 4px shown at 64px; the conditioning column is set apart
+    np.testing.assert_array_equal(g2[1:65, 1:65], np.full((64, 64, 3), 10, np.uint8))  # pixels repeated
     with pytest.raises(TypeError, match="uint8"):
         make_grid([[dark.astype(np.float32)]])
