@@ -105,6 +105,11 @@ def test_imagenet_config_builds_the_full_dag(tmp_path):
     evaluate_cmds = [line for line in proc.stdout.splitlines() if "rcdm evaluate " in line]
     assert len(evaluate_cmds) == 9
     assert all("--n-fid 10000" in c and "--n-reference 10000" in c for c in evaluate_cmds)
+    # the studies, for every encoder and layer; trunk-head for each encoder with both layers
+    both = sum(set(e["layers"]) == {"trunk", "head"} for e in cfg["encoders"].values())
+    assert both == 4 and counts["study_trunk_head"] == both
+    per_model = len(cfg["studies"]["run"]) - 2 + len(cfg["data"]["ood"])  # ood once per OOD set
+    assert counts["study"] == 9 * per_model
     assert cfg["sample"]["num_conditionings"] is None and cfg["sample"]["samples_per_image"] == 1  # all val
     runs = sum(len(e["layers"]) for e in cfg["encoders"].values())
     assert runs == 9
