@@ -110,6 +110,7 @@ def test_imagenet_config_builds_the_full_dag(tmp_path):
     assert both == 4 and counts["study_trunk_head"] == both
     per_model = len(cfg["studies"]["run"]) - 2 + len(cfg["data"]["ood"])  # ood once per OOD set
     assert counts["study"] == 9 * per_model
+    assert counts["tradeoff"] == 9  # the sampler speed/quality curve of every model
     assert cfg["sample"]["num_conditionings"] is None and cfg["sample"]["samples_per_image"] == 1  # all val
     runs = sum(len(e["layers"]) for e in cfg["encoders"].values())
     assert runs == 9
