@@ -245,14 +245,10 @@ def _pick(n_total: int, indices: list[int] | None, num: int) -> list[int]:
 def _sources_from_h5(
     images_path, features_path, indices, num, image_size, encoder_size, image_root
 ) -> Sources:
-    import h5py
-
     from rcdm.preprocess import center_crop_arr
 
     path = Path(images_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"images file not found: {path}")
-    with h5py.File(path, "r") as f:
+    with open_h5(path, "images file") as f:
         if "images" not in f:
             raise KeyError(f"{path} has no 'images' dataset (keys: {', '.join(f.keys())})")
         ds = f["images"]
@@ -320,20 +316,32 @@ def take(ds, idx: Sequence[int]) -> np.ndarray:
     return block[np.searchsorted(order, idx)]
 
 
+def open_h5(path: str | Path, what: str):
+    """``path`` opened read-only with h5py; a missing file is a FileNotFoundError naming ``what``."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return h5py.File(path, "r")
+
+
+def features_dataset(f, path: str | Path):
+    """The checked ``features`` [N, 2, D] dataset of an open features file."""
+    if "features" not in f:
+        raise KeyError(f"{path} has no 'features' dataset (keys: {', '.join(f.keys())})")
+    ds = f["features"]
+    if ds.ndim != 3 or ds.shape[1] != 2:
+        raise ValueError(f"{path}:features must be [N, 2, D], got {ds.shape}")
+    return ds
+
+
 def read_features(features_path, idx: list[int], images_digest: str | None = None) -> torch.Tensor:
     """``features[idx, 0]`` (the un-mirrored images) as float32; with ``images_digest`` (the images file's
     ``paths_sha256``) the features file must record the same one, i.e. belong to the same images."""
-    import h5py
-
     path = Path(features_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"features file not found: {path}")
-    with h5py.File(path, "r") as f:
-        if "features" not in f:
-            raise KeyError(f"{path} has no 'features' dataset (keys: {', '.join(f.keys())})")
-        ds = f["features"]
-        if ds.ndim != 3 or ds.shape[1] != 2:
-            raise ValueError(f"{path}:features must be [N, 2, D], got {ds.shape}")
+    with open_h5(path, "features file") as f:
+        ds = features_dataset(f, path)
         digest = f.attrs.get("paths_sha256")
         if images_digest is not None and digest is not None and _str(digest) != _str(images_digest):
             raise ValueError(

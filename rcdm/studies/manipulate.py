@@ -101,17 +101,9 @@ def manipulate(
 
 def h5_feature_blocks(path: str | Path, block_size: int = 65536) -> Iterator[torch.Tensor]:
     """Stream ``features[:, 0]`` (the un-mirrored images) of a features file in blocks."""
-    import h5py
-
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"neighbour features file not found: {path}")
-    with h5py.File(path, "r") as f:
-        if "features" not in f:
-            raise KeyError(f"{path} has no 'features' dataset (keys: {', '.join(f.keys())})")
-        ds = f["features"]
-        if ds.ndim != 3 or ds.shape[1] != 2:
-            raise ValueError(f"{path}:features must be [N, 2, D], got {ds.shape}")
+    with common.open_h5(path, "neighbour features file") as f:
+        ds = common.features_dataset(f, path)
         for i in range(0, ds.shape[0], block_size):
             block = torch.from_numpy(np.asarray(ds[i : i + block_size, 0], dtype=np.float32))
             if not torch.isfinite(block).all():
