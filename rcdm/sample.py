@@ -327,7 +327,8 @@ def generate_shard(
         for lo, hi in _batches(n, batch_size, start):
             c_idx, s_idx = item_cond[lo:hi], item_sample[lo:hi]
             uniq, inverse = np.unique(c_idx, return_inverse=True)
-            feat = cond.features(uniq).to(device)[torch.from_numpy(inverse).to(device)]
+            uniq_feat = cond.features(uniq)  # read once: conditions the batch and is stored below
+            feat = uniq_feat.to(device)[torch.from_numpy(inverse).to(device)]
             gens = make_generators(settings["seed"], c_idx, s_idx, device)
             with torch.inference_mode(), amp:
                 x = sample(
@@ -343,7 +344,7 @@ def generate_shard(
                 pos = np.searchsorted(cond_ids, uniq)
                 h5[COND_IDS][pos[0] : pos[-1] + 1] = uniq
                 h5[COND_IMAGES][pos[0] : pos[-1] + 1] = cond.cond_images(uniq)
-                h5[COND_FEATURES][pos[0] : pos[-1] + 1] = cond.features(uniq).cpu().numpy()
+                h5[COND_FEATURES][pos[0] : pos[-1] + 1] = uniq_feat.cpu().numpy()
             h5.attrs["done"] = hi
             h5.flush()
             bar.update(hi - lo)
