@@ -22,11 +22,11 @@ echo "== DDP over NCCL: torchrun, a few training steps of a small model on synth
 python3 - "$OUT" <<'PY'
 import sys
 import numpy as np
-from rcdm import h5schema
+from rcdm.formats import hdf5
 out = sys.argv[1]
 rng = np.random.default_rng(0)
-h5schema.write_images_file(f"{out}/images.h5", rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8))
-h5schema.write_features_file(f"{out}/features.h5", rng.normal(size=(256, 2, 64)).astype(np.float32))
+hdf5.write_images_file(f"{out}/images.h5", rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8))
+hdf5.write_features_file(f"{out}/features.h5", rng.normal(size=(256, 2, 64)).astype(np.float32))
 PY
 FLAGS='{"image_size": 32, "num_channels": 64, "num_res_blocks": 1, "channel_mult": "1,2", "attention_resolutions": "16", "learn_sigma": true}'
 torchrun --standalone --nproc-per-node="$(python3 -c 'import torch; print(torch.cuda.device_count())')" \

@@ -1,7 +1,8 @@
 """Command line entry point: ``rcdm <stage> [options]``.
 
-Each stage lives in its own module, which exposes ``add_arguments(parser)`` and ``run(args) -> int | None``.
-Modules are imported lazily so ``rcdm --help`` stays fast and a stage's heavy imports cost only that stage.
+Each stage lives in its own module under ``rcdm/stages/``, which exposes ``add_arguments(parser)`` and
+``run(args) -> int | None``. Modules are imported lazily so ``rcdm --help`` stays fast and a stage's heavy
+imports cost only that stage.
 """
 
 from __future__ import annotations
@@ -12,18 +13,24 @@ import sys
 
 # stage name -> (module, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
-    "fetch": ("rcdm.weights", "download missing weight files (encoders, RCDM checkpoints, Inception)"),
-    "pretrain": ("rcdm.pretrain", "train a small self-supervised encoder (demo / own domain)"),
-    "extract": ("rcdm.extract", "decode, crop and encode a dataset into HDF5 (sharded)"),
-    "merge-extract": ("rcdm.extract_merge", "merge extraction shards into one HDF5 file"),
-    "train": ("rcdm.train", "train the representation-conditioned diffusion model"),
-    "sample": ("rcdm.sample", "generate samples conditioned on representations (sharded)"),
-    "merge-samples": ("rcdm.sample_merge", "merge sample shards into samples.npz and PNG grids"),
-    "evaluate": ("rcdm.evaluate", "FID, IS, FD_rep, rank and MRR of a sample set"),
-    "tabulate": ("rcdm.tabulate", "merge metrics.csv files into result tables"),
-    "study": ("rcdm.studies", "run one of the paper's studies (ood, trunk-head, augment, adversarial, ...)"),
-    "bench": ("rcdm.bench", "measure throughput and memory of each stage"),
-    "tradeoff": ("rcdm.tradeoff", "sampler speed versus quality: FD_rep and MRR against UNet evaluations"),
+    "fetch": ("rcdm.stages.fetch", "download missing weight files (encoders, RCDM checkpoints, Inception)"),
+    "pretrain": ("rcdm.stages.pretrain", "train a small self-supervised encoder (demo / own domain)"),
+    "extract": ("rcdm.stages.extract", "decode, crop and encode a dataset into HDF5 (sharded)"),
+    "merge-extract": ("rcdm.stages.merge_extract", "merge extraction shards into one HDF5 file"),
+    "train": ("rcdm.stages.train", "train the representation-conditioned diffusion model"),
+    "sample": ("rcdm.stages.sample", "generate samples conditioned on representations (sharded)"),
+    "merge-samples": ("rcdm.stages.merge_samples", "merge sample shards into samples.npz and PNG grids"),
+    "evaluate": ("rcdm.stages.evaluate", "FID, IS, FD_rep, rank and MRR of a sample set"),
+    "tabulate": ("rcdm.stages.tabulate", "merge metrics.csv files into result tables"),
+    "study": (
+        "rcdm.stages.study",
+        "run one of the paper's studies (ood, trunk-head, augment, adversarial, ...)",
+    ),
+    "bench": ("rcdm.stages.bench", "measure throughput and memory of each stage"),
+    "tradeoff": (
+        "rcdm.stages.tradeoff",
+        "sampler speed versus quality: FD_rep and MRR against UNet evaluations",
+    ),
 }
 
 

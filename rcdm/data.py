@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from rcdm.image_source import ImageSource
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
@@ -94,33 +96,6 @@ def array_to_rgb(arr: np.ndarray) -> Image.Image:
 
 
 # ----------------------------------------------------------------------------------------------- sources
-
-
-class ImageSource:
-    """Base class of datasets: a fixed, deterministic list of images."""
-
-    name: str = "source"
-    #: generative factor -> (numpy dtype name, category names or None); empty when none are recorded
-    factor_specs: dict[str, tuple[str, list[str] | None]] = {}
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def key(self, i: int) -> str:
-        raise NotImplementedError
-
-    def label(self, i: int) -> int:
-        return -1
-
-    def load(self, i: int) -> Image.Image:
-        raise NotImplementedError
-
-    def factors(self, i: int) -> dict[str, float | int]:
-        return {}
-
-    def attrs(self) -> dict[str, Any]:
-        """Extra metadata recorded as HDF5 attributes of the images file."""
-        return {}
 
 
 class FolderSource(ImageSource):

@@ -20,6 +20,7 @@ import pickle
 import types
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -559,3 +560,56 @@ def load_pair(
         input_norm=norm,
     )
     return _freeze(pair)
+
+
+class EncoderMismatchError(ValueError):
+    """The encoder file is not the one a features file was extracted with."""
+
+
+def recorded_encoder_sha256(attrs: Mapping[str, Any]) -> str:
+    """The encoder file's sha256 recorded in a features file (``encoder_sha256``; older files:
+    ``checkpoint_sha256``), or "" when none was recorded."""
+    return str(attrs.get("encoder_sha256") or attrs.get("checkpoint_sha256") or "")
+
+
+def load_as_extracted(
+    name: str | None,
+    checkpoint_path: str | os.PathLike | None,
+    layer: str | None = None,
+    *,
+    features_attrs: Mapping[str, Any] | None = None,
+    trust: bool = False,
+    device: torch.device | str | None = None,
+) -> Encoder:
+    """The encoder that made a features file, configured as it was: the one loader for re-encoding images.
+
+    ``name`` and ``layer`` default to those recorded in ``features_attrs`` (the attributes of the features
+    file); the file's sha256 must equal the recorded one (:class:`EncoderMismatchError` otherwise), and the
+    recorded input size and normalisation are used, so samples are encoded exactly like the gallery was.
+    """
+    from rcdm.io import sha256_file
+
+    attrs = dict(features_attrs or {})
+    name = name or attrs.get("encoder") or None
+    layer = layer or attrs.get("layer") or "trunk"
+    if not name:
+        raise ValueError("no encoder named: give --encoder (the features file records none)")
+    if checkpoint_path is not None and not Path(checkpoint_path).is_file():
+        raise FileNotFoundError(f"encoder checkpoint not found: {checkpoint_path}")
+    recorded = recorded_encoder_sha256(attrs)
+    if checkpoint_path is not None and recorded:
+        found = sha256_file(checkpoint_path)
+        if found != recorded:
+            raise EncoderMismatchError(
+                f"{checkpoint_path} (sha256 {found[:12]}...) is not the encoder file the features were "
+                f"extracted with (sha256 {recorded[:12]}...): give that file, or re-extract the features"
+            )
+    enc = load(
+        name,
+        checkpoint_path,
+        layer,
+        trust=trust,
+        input_size=int(attrs["input_size"]) if attrs.get("input_size") else None,
+        input_norm=attrs.get("input_norm") or None,
+    )
+    return enc if device is None else enc.to(device)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
+import os
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from rcdm.unet import UNetModel
@@ -280,3 +283,38 @@ def add_dict_to_argparser(parser: argparse.ArgumentParser, defaults: Mapping[str
 def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> dict[str, Any]:
     """Named attributes of parsed ``args`` as a dict (e.g. keys of :func:`model_and_diffusion_defaults`)."""
     return {k: getattr(args, k) for k in keys}
+
+
+def read_model_flags(spec: str | os.PathLike | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Model flags from ``--model-flags``: a mapping, a JSON object string, or a YAML/JSON file.
+
+    None or "" gives None (callers then take the defaults, or read the flags off a checkpoint). The one
+    reader of model flags for every stage; a malformed value is a ``ValueError`` naming what was given.
+    """
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return None
+    if isinstance(spec, Mapping):
+        return dict(spec)
+    text = str(spec).strip()
+    if text.startswith("{"):
+        try:
+            flags = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--model-flags is not a valid JSON object: {err}") from err
+        where = "--model-flags"
+    else:
+        import yaml
+
+        path = Path(text)
+        if not path.is_file():
+            raise ValueError(f"model flags file not found: {path} (give a YAML/JSON file or a JSON object)")
+        try:
+            flags = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML/JSON: {err}") from err
+        where = str(path)
+    if not isinstance(flags, dict):
+        raise ValueError(
+            f"{where}: model flags must be a mapping of flag names to values, got {type(flags).__name__}"
+        )
+    return flags

@@ -7,6 +7,8 @@ trained on mean/std-normalised inputs additionally get ``input_norm="imagenet"``
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
+
 import numpy as np
 import torch
 from PIL import Image
@@ -65,3 +67,52 @@ def apply_input_norm(x: torch.Tensor, input_norm: str) -> torch.Tensor:
 def encoder_input(images: torch.Tensor, input_norm: str) -> torch.Tensor:
     """uint8 crops [N, R, R, 3] (any device) -> the encoder's float32 input [N, 3, R, R]."""
     return apply_input_norm(to_model_range(images), input_norm)
+
+
+def to_uint8(x: torch.Tensor, low: float = -1.0) -> torch.Tensor:
+    """float [N, 3, H, W] in [low, 1] (-1: model range, 0: unit range) -> uint8 [N, H, W, 3] on x's device.
+
+    Truncates after clamping, as guided-diffusion's sample script converts samples: the one conversion used
+    for stored samples, figures and re-encoded samples alike.
+    """
+    scale = 255.0 / (1.0 - low)
+    y = ((x.detach().float() - low) * scale).clamp(0, 255).to(torch.uint8)
+    return y.permute(0, 2, 3, 1).contiguous()
+
+
+def encoder_view(
+    images: np.ndarray | torch.Tensor,
+    size: int,
+    input_norm: str,
+    device: torch.device | str | None = None,
+    pool: Executor | None = None,
+) -> torch.Tensor:
+    """The encoder's input for generated or stored images: what extraction feeds it for an image file.
+
+    ``images``: uint8 [N, H, W, 3] (stored samples, crops), or float [N, 3, H, W] in [-1, 1] (samples in
+    memory, converted first with :func:`to_uint8`, so a sample is encoded identically before and after it
+    is stored). Each image goes through :func:`center_crop_arr` at the encoder's input ``size`` (BOX halving,
+    PIL bicubic; on a square sample a pure resize), then to [-1, 1] and the encoder's ``input_norm``. Rank,
+    MRR and FD_rep of samples (``rcdm evaluate``), the tradeoff and every study use this one function, so
+    a sample and its conditioning image reach the encoder by the same path. ``pool`` parallelises the crops
+    (PIL releases the GIL).
+    """
+    if isinstance(images, torch.Tensor) and images.dtype != torch.uint8:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected float images [N, 3, H, W], got {tuple(images.shape)}")
+        images = to_uint8(images)
+    arr = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images [N, H, W, 3], got {arr.dtype} {arr.shape}")
+    if arr.shape[1] == size and arr.shape[2] == size:
+        crops = arr
+    else:
+
+        def crop(a: np.ndarray) -> np.ndarray:
+            return center_crop_arr(Image.fromarray(a), size)
+
+        crops = np.stack(list(pool.map(crop, arr) if pool is not None else map(crop, arr)))
+    x = torch.from_numpy(np.ascontiguousarray(crops))
+    if device is not None:
+        x = x.to(device)
+    return encoder_input(x, input_norm)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from rcdm.data import ImageSource
+from rcdm.image_source import ImageSource
 
 KINDS = ("circle", "square", "triangle", "star", "hexagon", "cross")
 COLOURS: dict[str, tuple[int, int, int]] = {

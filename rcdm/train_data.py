@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from rcdm import h5schema
+from rcdm.formats import hdf5
 
 
 class H5PairDataset(Dataset):
@@ -39,8 +39,8 @@ class H5PairDataset(Dataset):
         for path, what in ((self.images_path, "images"), (self.features_path, "features")):
             if not path.is_file():
                 raise FileNotFoundError(f"{what} file not found: {path}")
-        img_attrs = h5schema.check_images_file(self.images_path, deep=deep_check)
-        feat_attrs = h5schema.check_features_file(self.features_path, self.images_path, deep=deep_check)
+        img_attrs = hdf5.check_images_file(self.images_path, deep=deep_check)
+        feat_attrs = hdf5.check_features_file(self.features_path, self.images_path, deep=deep_check)
         self.num_images = int(img_attrs["num_images"])
         self.image_size = int(img_attrs["image_size"])
         self.feature_dim = int(feat_attrs["dim"])
@@ -76,8 +76,8 @@ class H5PairDataset(Dataset):
         indices = np.asarray(indices, dtype=np.int64)
         flips = np.zeros(len(indices), dtype=bool) if flips is None else np.asarray(flips, dtype=bool)
         img_file, feat_file = self._files()
-        images = h5schema.read_rows(img_file[h5schema.IMAGES], indices)
-        feats = h5schema.read_rows(feat_file[h5schema.FEATURES], indices)  # [b, 2, D]
+        images = hdf5.read_rows(img_file[hdf5.IMAGES], indices)
+        feats = hdf5.read_rows(feat_file[hdf5.FEATURES], indices)  # [b, 2, D]
         images[flips] = images[flips, :, ::-1]
         chosen = feats[np.arange(len(indices)), flips.astype(np.int64)]
         return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(chosen.astype(np.float32))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from rcdm.bench import CSV_COLUMNS, PRESETS, Variant, flags_from_spec, variants
 from rcdm.cli import main
+from rcdm.stages.bench import CSV_COLUMNS, PRESETS, Variant, flags_from_spec, variants
 
 TINY = (
     '{"image_size": 8, "num_channels": 32, "channel_mult": "1,2", "attention_resolutions": "4", '

@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from rcdm import evaluate as ev_mod
-from rcdm import h5schema
+from rcdm.formats import hdf5
+from rcdm.formats.metrics_csv import COLUMNS
+from rcdm.formats.npz import write_npz
 from rcdm.inception import (
     INCEPTION_FILE,
     INCEPTION_URL,
@@ -18,8 +19,9 @@ from rcdm.inception import (
     build_fid_inception_v3,
     load_inception,
 )
-from rcdm.metrics import frechet_distance, inception_score
-from rcdm.sample_merge import write_npz
+from rcdm.metrics import RunningStats, frechet_distance, inception_score
+from rcdm.scoring import evaluate
+from rcdm.stages import evaluate as ev_mod
 
 SIZE, DIM, SMALL_INPUT = 16, 8, 75
 
@@ -43,14 +45,14 @@ def weights_dir(tmp_path_factory):
 
 def _write_h5(path, kind: str, n: int, data: dict, attrs: dict) -> None:
     paths = [f"img{i:03d}.png" for i in range(n)]
-    digest = h5schema.PathsDigest()
+    digest = hdf5.PathsDigest()
     digest.update(paths)
     with h5py.File(path, "w") as h5:
         for k, v in data.items():
             h5.create_dataset(k, data=v)
-        h5schema.write_strings(h5, h5schema.PATHS, paths)
-        base = {"kind": kind, "format_version": h5schema.FORMAT_VERSION, "num_images": n, "complete": True}
-        h5schema.set_attrs(h5, {**base, "paths_sha256": digest.hexdigest(), **attrs})
+        hdf5.write_strings(h5, hdf5.PATHS, paths)
+        base = {"kind": kind, "format_version": hdf5.FORMAT_VERSION, "num_images": n, "complete": True}
+        hdf5.set_attrs(h5, {**base, "paths_sha256": digest.hexdigest(), **attrs})
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def toy(tmp_path_factory):
     images = rng.integers(0, 256, size=(4, SIZE, SIZE, 3), dtype=np.uint8)
     _write_h5(
         root / "images.h5", "images", 4,
-        {h5schema.IMAGES: images, h5schema.LABELS: np.full(4, -1, dtype=np.int64)},
+        {hdf5.IMAGES: images, hdf5.LABELS: np.full(4, -1, dtype=np.int64)},
         {"image_size": SIZE, "dataset": "toy", "split": "val"},
     )  # fmt: skip
     arch = {"widths": [8, 8], "blocks": 1, "stem_stride": 1, "head_dims": [16, DIM]}
@@ -82,9 +84,9 @@ def toy(tmp_path_factory):
     from rcdm.io import sha256_file
 
     _write_h5(
-        root / "features.h5", "features", 4, {h5schema.FEATURES: feats.astype(np.float32)},
+        root / "features.h5", "features", 4, {hdf5.FEATURES: feats.astype(np.float32)},
         {"dim": DIM, "encoder": "small", "layer": "head", "input_size": 24, "input_norm": "none",
-         "checkpoint_sha256": sha256_file(enc_path), "images_file": str(root / "images.h5"),
+         "encoder_sha256": sha256_file(enc_path), "images_file": str(root / "images.h5"),
          "dataset": "toy"},
     )  # fmt: skip
     # sample (c, 0) reproduces image c exactly; sample (c, 1) is image c+1: a wrong conditioning
@@ -95,7 +97,7 @@ def toy(tmp_path_factory):
     samples = images[src]
     settings = {"sampler": "ddim", "steps": 5, "num_steps": 5, "seed": 3, "eta": 0.0, "samples_per_image": 2,
                 "dataset": "toy", "encoder": "small", "layer": "head",
-                "checkpoint_sha256": "abc"}  # fmt: skip
+                "encoder_sha256": "abc"}  # fmt: skip
     run_dir = root / "run1"
     write_npz(run_dir / "samples.npz", samples.shape, iter([(samples, cond_index, sample_index)]), settings)
     return {"root": root, "images": images, "emb": emb, "src": src, "cond_index": cond_index, "enc": enc_path,
@@ -183,7 +185,7 @@ def test_evaluate_computes_every_metric_from_its_definition(toy, weights_dir):
 
     inc = _small_inception(weights_dir)
     enc = encoders.load("small", toy["enc"], "head")
-    ev = ev_mod.evaluate(
+    ev = evaluate(
         toy["samples"], features=toy["root"] / "features.h5", encoder=enc, inception=inc,
         reference_images=toy["root"] / "images.h5", cache_dir=toy["root"] / "cache", is_splits=2,
         batch_size=3, workers=2, progress=False, with_precision_recall=True,
@@ -212,7 +214,7 @@ def test_n_fid_limits_inception_metrics_to_the_first_samples(toy, weights_dir):
 
     inc = _small_inception(weights_dir)
     enc = encoders.load("small", toy["enc"], "head")
-    row = ev_mod.evaluate(
+    row = evaluate(
         toy["samples"], features=toy["root"] / "features.h5", encoder=enc, inception=inc, n_fid=5,
         reference_images=toy["root"] / "images.h5", cache_dir=toy["root"] / "cache5", is_splits=2,
         batch_size=3, workers=2, progress=False,
@@ -244,7 +246,7 @@ def test_cli_writes_metrics_csv_and_reuses_reference_cache(toy, weights_dir, mon
     ]  # fmt: skip
     assert ev_mod.run(parser.parse_args(argv)) == 0
     first = pd.read_csv(tmp_path / "metrics.csv")
-    assert list(first.columns) == list(ev_mod.COLUMNS) and len(first) == 1
+    assert list(first.columns) == list(COLUMNS) and len(first) == 1
     r = first.iloc[0]
     assert (
         r["run_id"] == "run1" and r["dataset"] == "toy" and r["encoder"] == "small" and r["layer"] == "head"
@@ -254,10 +256,8 @@ def test_cli_writes_metrics_csv_and_reuses_reference_cache(toy, weights_dir, mon
     cached = list((tmp_path / "cache").glob("fid_ref_*.npz"))
     assert len(cached) == 1
     calls = []
-    orig = ev_mod.RunningStats.update
-    monkeypatch.setattr(
-        ev_mod.RunningStats, "update", lambda self, x: (calls.append(len(x)), orig(self, x))[1]
-    )
+    orig = RunningStats.update
+    monkeypatch.setattr(RunningStats, "update", lambda self, x: (calls.append(len(x)), orig(self, x))[1])
     ev_mod.run(parser.parse_args(argv))
     assert sum(calls) == 8 + 8  # Inception and encoder statistics of the 8 samples only
     second = pd.read_csv(tmp_path / "metrics.csv")
@@ -290,7 +290,7 @@ def test_missing_inception_and_encoder_leave_metrics_empty_with_reasons(toy, tmp
     assert r["status"].startswith("fid, is:")
 
 
-def test_wrong_encoder_file_is_refused(toy, tmp_path):
+def test_wrong_encoder_file_is_refused(toy, tmp_path, capsys):
     other = tmp_path / "other.pt"
     ckpt = torch.load(toy["enc"], weights_only=True)
     ckpt["trunk"] = {k: v + 1 if v.is_floating_point() else v for k, v in ckpt["trunk"].items()}
@@ -301,16 +301,16 @@ def test_wrong_encoder_file_is_refused(toy, tmp_path):
         "--samples", str(toy["samples"]), "--out", str(tmp_path / "m.csv"), "--weights-dir", str(tmp_path),
         "--features", str(toy["root"] / "features.h5"), "--encoder-checkpoint", str(other), "--no-progress",
     ]  # fmt: skip
-    with pytest.raises(SystemExit, match="not the encoder file the features were extracted with"):
-        ev_mod.run(parser.parse_args(argv))
+    assert ev_mod.run(parser.parse_args(argv)) == 2
+    assert "not the encoder file the features were extracted with" in capsys.readouterr().err
     assert not (tmp_path / "m.csv").exists()
 
 
 def test_samples_file_problems_are_clear(toy, tmp_path):
     with pytest.raises(FileNotFoundError, match="samples file not found"):
-        ev_mod.evaluate(tmp_path / "none.npz")
+        evaluate(tmp_path / "none.npz")
     bad = tmp_path / "bad.npz"
     np.savez(bad, arr_0=np.zeros((2, 4, 4, 3), dtype=np.float32))
     with pytest.raises(ValueError, match="expected uint8"):
-        ev_mod.evaluate(bad)
+        evaluate(bad)
     assert json.loads(str(np.load(toy["samples"])["settings_json"]))["sampler"] == "ddim"

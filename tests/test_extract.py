@@ -10,13 +10,13 @@ import torch
 from test_data import build_odd_folder
 from torch import nn
 
-from rcdm import h5schema as hs
 from rcdm.cli import main as cli_main
 from rcdm.data import BadImageError, open_dataset
-from rcdm.extract import ExtractJob, run_extraction
-from rcdm.extract_merge import MergeError, find_parts, merge_parts
+from rcdm.formats import hdf5 as hs
 from rcdm.preprocess import CROP_METHOD, center_crop_arr, encoder_input
 from rcdm.shapes import KINDS
+from rcdm.stages.extract import ExtractJob, run_extraction
+from rcdm.stages.merge_extract import MergeError, find_parts, merge_parts
 
 ENC_SIZE = 20
 
@@ -100,7 +100,7 @@ def test_images_and_both_feature_layers_in_one_pass(tmp_path):
         tmp_path,
         features_out={"trunk": tmp_path / "t.h5", "head": tmp_path / "h.h5"},
         encoder_name="tiny",
-        checkpoint_sha256="ab" * 32,
+        encoder_sha256="ab" * 32,
     )
     summary = run_extraction(
         job, lambda layers: pair if layers == ["trunk", "head"] else None, batch_size=10, progress=False
@@ -129,7 +129,7 @@ def test_images_and_both_feature_layers_in_one_pass(tmp_path):
         fattrs = hs.check_features_file(tmp_path / f"{layer[0]}.h5", tmp_path / "img.h5")
         assert fattrs["encoder"] == "tiny" and fattrs["layer"] == layer and fattrs["dim"] == dim
         assert fattrs["input_norm"] == "none" and fattrs["input_size"] == ENC_SIZE
-        assert fattrs["checkpoint_sha256"] == "ab" * 32 and fattrs["images_file"] == str(tmp_path / "img.h5")
+        assert fattrs["encoder_sha256"] == "ab" * 32 and fattrs["images_file"] == str(tmp_path / "img.h5")
         with h5py.File(tmp_path / f"{layer[0]}.h5") as h5:
             feats = h5["features"][:]
         assert feats.shape == (23, 2, dim) and feats.dtype == np.float32
@@ -353,14 +353,15 @@ def test_cli_with_the_small_encoder_checkpoint(tmp_path):
     torch.save({"format": encoders.SMALL_FORMAT, "arch": arch, "trunk": trunk.state_dict(),
                 "head": head.state_dict(), "input_size": 16, "input_norm": "none"}, ckpt)  # fmt: skip
     args = ["extract", "--dataset", "shapes", "--split", "val", "--num-images", "5", "--native-size", "24",
-            "--encoder", "small", "--checkpoint", str(ckpt), "--features-out", f"trunk={tmp_path / 't.h5'}",
+            "--encoder", "small", "--encoder-checkpoint", str(ckpt),
+            "--features-out", f"trunk={tmp_path / 't.h5'}",
             f"head={tmp_path / 'h.h5'}", "--workers", "0", "--no-progress", "--device", "cpu"]  # fmt: skip
     assert cli_main(args) == 0
     enc = encoders.load("small", ckpt, "head")
     source = open_dataset("shapes", "val", num_images=5, native_size=24)
     x = encoder_input(torch.from_numpy(center_crop_arr(source.load(4), 16))[None], "none")
     with h5py.File(tmp_path / "h.h5") as h5:
-        assert h5.attrs["checkpoint_sha256"] == sha256_file(ckpt) and h5.attrs["dim"] == 5
+        assert h5.attrs["encoder_sha256"] == sha256_file(ckpt) and h5.attrs["dim"] == 5
         assert h5.attrs["input_size"] == 16 and h5["features"].shape == (5, 2, 5)
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(h5["features"][4, 1]), enc(x.flip(-1))[0])

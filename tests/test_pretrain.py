@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from rcdm import encoders
-from rcdm import pretrain as P
 from rcdm.cli import main as cli_main
+from rcdm.stages import pretrain as P
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -8,9 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from rcdm import h5schema, sample_merge
-from rcdm import sample as sample_mod
+from rcdm.conditioning import noise_seed
+from rcdm.formats import hdf5
+from rcdm.formats.npz import iter_npz_array
+from rcdm.formats.samples import ShardSettingsMismatch, check_samples_file
 from rcdm.grids import conditioning_grid, make_grid
+from rcdm.stages import merge_samples as sample_merge
+from rcdm.stages import sample as sample_mod
 
 FLAGS = {
     "attention_resolutions": "8",
@@ -31,15 +35,15 @@ N_COND, DIM, SIZE = 5, 8, 16
 
 def write_images_file(path, images: np.ndarray) -> None:
     paths = [f"img{i:03d}.png" for i in range(len(images))]
-    digest = h5schema.PathsDigest()
+    digest = hdf5.PathsDigest()
     digest.update(paths)
     with h5py.File(path, "w") as h5:
-        h5.create_dataset(h5schema.IMAGES, data=images)
-        h5.create_dataset(h5schema.LABELS, data=np.full(len(images), -1, dtype=np.int64))
-        h5schema.write_strings(h5, h5schema.PATHS, paths)
-        h5schema.set_attrs(
+        h5.create_dataset(hdf5.IMAGES, data=images)
+        h5.create_dataset(hdf5.LABELS, data=np.full(len(images), -1, dtype=np.int64))
+        hdf5.write_strings(h5, hdf5.PATHS, paths)
+        hdf5.set_attrs(
             h5,
-            {"kind": "images", "format_version": h5schema.FORMAT_VERSION, "num_images": len(images),
+            {"kind": "images", "format_version": hdf5.FORMAT_VERSION, "num_images": len(images),
              "paths_sha256": digest.hexdigest(), "image_size": images.shape[1], "dataset": "toy",
              "split": "val", "complete": True},
         )  # fmt: skip
@@ -47,14 +51,14 @@ def write_images_file(path, images: np.ndarray) -> None:
 
 def write_features_file(path, feats: np.ndarray, images_file: str = "") -> None:
     paths = [f"img{i:03d}.png" for i in range(len(feats))]
-    digest = h5schema.PathsDigest()
+    digest = hdf5.PathsDigest()
     digest.update(paths)
     with h5py.File(path, "w") as h5:
-        h5.create_dataset(h5schema.FEATURES, data=feats.astype(np.float32))
-        h5schema.write_strings(h5, h5schema.PATHS, paths)
-        h5schema.set_attrs(
+        h5.create_dataset(hdf5.FEATURES, data=feats.astype(np.float32))
+        hdf5.write_strings(h5, hdf5.PATHS, paths)
+        hdf5.set_attrs(
             h5,
-            {"kind": "features", "format_version": h5schema.FORMAT_VERSION, "num_images": len(feats),
+            {"kind": "features", "format_version": hdf5.FORMAT_VERSION, "num_images": len(feats),
              "paths_sha256": digest.hexdigest(), "dim": feats.shape[2], "encoder": "toy", "layer": "trunk",
              "dataset": "toy", "split": "val", "images_file": images_file, "complete": True},
         )  # fmt: skip
@@ -109,10 +113,10 @@ def _merge(out, num_shards, npz, grid=True, **kw):
 
 
 def test_noise_seed_is_deterministic_and_distinct():
-    seeds = {sample_mod.noise_seed(0, c, s) for c in range(50) for s in range(4)}
+    seeds = {noise_seed(0, c, s) for c in range(50) for s in range(4)}
     assert len(seeds) == 200
-    assert sample_mod.noise_seed(3, 1, 2) == sample_mod.noise_seed(3, 1, 2)
-    assert sample_mod.noise_seed(3, 1, 2) != sample_mod.noise_seed(4, 1, 2)
+    assert noise_seed(3, 1, 2) == noise_seed(3, 1, 2)
+    assert noise_seed(3, 1, 2) != noise_seed(4, 1, 2)
     assert all(0 <= s < 2**63 for s in seeds)
 
 
@@ -144,11 +148,11 @@ def test_seed_changes_samples_and_shard_attributes(setup, tmp_path):
     out = tmp_path / "s.h5"
     sample_mod.run(_args(root, out, batch_size=10))
     sample_mod.run(_args(root, tmp_path / "t.h5", batch_size=10, seed=8))
-    p = h5schema.part_path(out, 0, 1)
-    attrs = sample_mod.check_samples_file(p)
+    p = hdf5.part_path(out, 0, 1)
+    attrs = check_samples_file(p)
     assert attrs["sampler"] == "ddim" and attrs["num_samples"] == 10 and attrs["complete"]
-    assert attrs["settings"]["checkpoint_sha256"] and attrs["settings"]["image_size"] == SIZE
-    with h5py.File(p) as h5a, h5py.File(h5schema.part_path(tmp_path / "t.h5", 0, 1)) as h5b:
+    assert attrs["settings"]["model_sha256"] and attrs["settings"]["image_size"] == SIZE
+    with h5py.File(p) as h5a, h5py.File(hdf5.part_path(tmp_path / "t.h5", 0, 1)) as h5b:
         assert np.abs(h5a["samples"][:].astype(int) - h5b["samples"][:].astype(int)).mean() > 5
 
 
@@ -156,7 +160,7 @@ def test_complete_shard_is_not_recomputed_and_mismatch_is_an_error(setup, tmp_pa
     root, _ = setup
     out = tmp_path / "s.h5"
     sample_mod.run(_args(root, out, shard=1, num_shards=2))
-    part = h5schema.part_path(out, 1, 2)
+    part = hdf5.part_path(out, 1, 2)
     before = part.stat().st_mtime_ns
 
     def boom(*a, **k):
@@ -167,7 +171,7 @@ def test_complete_shard_is_not_recomputed_and_mismatch_is_an_error(setup, tmp_pa
     assert sample_mod.run(_args(root, out, shard=1, num_shards=2, batch_size=1)) == 0
     assert part.stat().st_mtime_ns == before
     monkeypatch.undo()
-    with pytest.raises(sample_mod.ShardSettingsMismatch, match="seed"):
+    with pytest.raises(ShardSettingsMismatch, match="seed"):
         sample_mod.run(_args(root, out, shard=1, num_shards=2, seed=99))
     assert part.stat().st_mtime_ns == before
 
@@ -191,7 +195,7 @@ def test_killed_run_resumes_to_identical_result(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(rcdm.samplers, "sample", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         sample_mod.run(_args(root, out, batch_size=3))
-    part = h5schema.part_path(out, 0, 1)
+    part = hdf5.part_path(out, 0, 1)
     assert not part.exists()  # nothing under the final name
     partial = part.with_name(part.name + ".partial")
     with h5py.File(partial) as h5:
@@ -200,7 +204,7 @@ def test_killed_run_resumes_to_identical_result(setup, tmp_path, monkeypatch):
     sample_mod.run(_args(root, out, batch_size=3))
     assert calls["n"] == -100 + 2  # only the two remaining batches (samples 6..9) were generated
     assert not partial.exists()
-    with h5py.File(part) as a, h5py.File(h5schema.part_path(ref, 0, 1)) as b:
+    with h5py.File(part) as a, h5py.File(hdf5.part_path(ref, 0, 1)) as b:
         np.testing.assert_array_equal(a["cond_index"][:], b["cond_index"][:])
         assert np.abs(a["samples"][:].astype(int) - b["samples"][:].astype(int)).max() <= 1
 
@@ -217,7 +221,7 @@ def test_merge_writes_adm_npz_and_grid_with_conditioning_first(setup, tmp_path):
     cond_ids = np.unique(z["cond_index"])
     assert len(cond_ids) == 4 and z["arr_0"].shape == (8, SIZE, SIZE, 3)
     # streaming reader returns the same array in chunks
-    chunks = list(sample_merge.iter_npz_array(npz, chunk=3))
+    chunks = list(iter_npz_array(npz, chunk=3))
     assert [len(c) for c in chunks] == [3, 3, 2]
     np.testing.assert_array_equal(np.concatenate(chunks), z["arr_0"])
     grid = np.asarray(Image.open(tmp_path / "samples_grid.png"))
@@ -262,7 +266,7 @@ def test_image_folder_conditioning_through_encoder(setup, tmp_path):
     args = _args(root, tmp_path / "ood.h5", encoder="small", encoder_checkpoint=enc_path, layer="head")
     args.features, args.dataset = None, str(folder)
     assert sample_mod.run(args) == 0
-    part = h5schema.part_path(tmp_path / "ood.h5", 0, 1)
+    part = hdf5.part_path(tmp_path / "ood.h5", 0, 1)
     with h5py.File(part) as h5:
         assert h5["samples"].shape == (6, SIZE, SIZE, 3)
         np.testing.assert_array_equal(h5["cond_ids"][:], [0, 1, 2])

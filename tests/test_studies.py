@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from rcdm.cli import main
-from rcdm.studies import adversarial, augment, common, interpolate, manipulate, probe
+from rcdm.stages.study import adversarial, augment, common, interpolate, manipulate, probe
 
 SIZE = 16
 N_IMAGES = 6

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rcdm import tabulate as tab
-from rcdm.evaluate import COLUMNS, write_metrics_csv
+from rcdm.formats.metrics_csv import COLUMNS, write_metrics_csv
+from rcdm.stages import tabulate as tab
 
 
 def _row(**kw):

@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from rcdm import h5schema
 from rcdm.cli import main
 from rcdm.encoders import load
 from rcdm.factory import create_model_from_flags
+from rcdm.formats import hdf5
 from rcdm.preprocess import center_crop_arr, encoder_input
-from rcdm.tradeoff import COLUMNS, recommend
+from rcdm.stages.tradeoff import COLUMNS, recommend
 
-ENCODER = "rcdm.bench:random_small_encoder"
+ENCODER = "rcdm.stages.bench:random_small_encoder"
 FLAGS = {"image_size": 8, "num_channels": 32, "channel_mult": "1,2", "attention_resolutions": "4",
          "num_res_blocks": 1, "num_heads": 1, "learn_sigma": True, "ssl_dim": 32,
          "diffusion_steps": 100}  # fmt: skip
@@ -36,8 +36,8 @@ def demo(tmp_path_factory):
         crops = np.stack([center_crop_arr(Image.fromarray(a), encoder.input_size) for a in images])
         x = encoder_input(torch.from_numpy(crops), encoder.input_norm)
         feats = torch.stack([encoder(x), encoder(x.flip(-1))], dim=1).numpy()
-    h5schema.write_images_file(root / "images.h5", images)
-    h5schema.write_features_file(root / "features.h5", feats, attrs={"encoder": ENCODER, "layer": "trunk"})
+    hdf5.write_images_file(root / "images.h5", images)
+    hdf5.write_features_file(root / "features.h5", feats, attrs={"encoder": ENCODER, "layer": "trunk"})
     return root
 
 

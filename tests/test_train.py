@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from rcdm import h5schema
-from rcdm.train import (
+from rcdm.formats import hdf5
+from rcdm.stages.train import (
     EXIT_PREEMPTED,
     NonFiniteLossError,
     TrainConfig,
@@ -48,20 +48,20 @@ def write_pair(tmp_path, n=12, size=8, dim=6, seed=0, name="d"):
         [images.reshape(n, -1) @ proj / 1e3, images[:, :, ::-1].reshape(n, -1) @ proj / 1e3], axis=1
     ).astype(np.float32)
     paths = [f"img{i:03d}.png" for i in range(n)]
-    digest = h5schema.PathsDigest()
+    digest = hdf5.PathsDigest()
     digest.update(paths)
-    common = {"format_version": h5schema.FORMAT_VERSION, "num_images": n, "paths_sha256": digest.hexdigest(),
+    common = {"format_version": hdf5.FORMAT_VERSION, "num_images": n, "paths_sha256": digest.hexdigest(),
               "num_bad": 0, "complete": True}  # fmt: skip
     img_path, feat_path = tmp_path / f"{name}_images.h5", tmp_path / f"{name}_features.h5"
     with h5py.File(img_path, "w") as h5:
         h5.create_dataset("images", data=images)
         h5.create_dataset("labels", data=np.arange(n, dtype=np.int64))
-        h5schema.write_strings(h5, "paths", paths)
-        h5schema.set_attrs(h5, {**common, "kind": "images", "image_size": size})
+        hdf5.write_strings(h5, "paths", paths)
+        hdf5.set_attrs(h5, {**common, "kind": "images", "image_size": size})
     with h5py.File(feat_path, "w") as h5:
         h5.create_dataset("features", data=feats)
-        h5schema.write_strings(h5, "paths", paths)
-        h5schema.set_attrs(h5, {**common, "kind": "features", "dim": dim, "encoder": "toy", "layer": "trunk",
+        hdf5.write_strings(h5, "paths", paths)
+        hdf5.set_attrs(h5, {**common, "kind": "features", "dim": dim, "encoder": "toy", "layer": "trunk",
                                 "images_file": img_path.name})  # fmt: skip
     return img_path, feat_path, images, feats
 
@@ -307,7 +307,7 @@ def test_bad_configuration_fails_before_compute(tmp_path, pair):
     with pytest.raises(ValueError, match="fewer than one global batch"):
         Trainer(make_cfg(tmp_path, img, feat, batch_size=16))
     other_img, other_feat, _, _ = write_pair(tmp_path, n=5, name="other")
-    with pytest.raises(h5schema.H5SchemaError, match="does not belong"):
+    with pytest.raises(hdf5.H5SchemaError, match="does not belong"):
         Trainer(make_cfg(tmp_path, img, other_feat))
     # resume with another architecture: clear error naming the flag
     Trainer(make_cfg(tmp_path, img, feat, steps=1, save_interval=1)).train()

@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 from test_train import FLAGS, write_pair
 
 from rcdm.distributed import first_host, slurm_to_torch_env
-from rcdm.train import TrainConfig, Trainer
+from rcdm.stages.train import TrainConfig, Trainer
 
 
 def _free_port():

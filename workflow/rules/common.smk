@@ -71,7 +71,7 @@ def datasets_regex(sharded: bool) -> str:
 
 def part_files(path: str, num_shards: int) -> list[str]:
     """The shard file names the stage CLIs write for `path` (X.h5 -> X.part-000i-of-000k.h5)."""
-    from rcdm.h5schema import part_path
+    from rcdm.formats.hdf5 import part_path
 
     return [str(part_path(path, i, num_shards)) for i in range(num_shards)]
 
@@ -135,11 +135,11 @@ def encoder_file(encoder: str) -> str:
     return f"{WEIGHTS}/{enc['file']}"
 
 
-def encoder_args(encoder: str, checkpoint_flag: str = "--checkpoint") -> str:
-    """`--encoder NAME --checkpoint FILE [--trust-checkpoint]` for the stage CLIs."""
+def encoder_args(encoder: str) -> str:
+    """`--encoder NAME --encoder-checkpoint FILE` for the stage CLIs."""
     enc = ENCODERS[encoder]
     kind = {"pretrain": "small", "published": encoder, "custom": enc.get("factory")}[enc["source"]]
-    return shlex.join(["--encoder", kind, checkpoint_flag, encoder_file(encoder)])
+    return shlex.join(["--encoder", kind, "--encoder-checkpoint", encoder_file(encoder)])
 
 
 def trust_flag(flag: str = "--trust-checkpoint") -> str:

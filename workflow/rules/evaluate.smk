@@ -16,7 +16,7 @@ rule evaluate:
             run_id=f"{wc.encoder}-{wc.layer}-{config['sample']['sampler']}{config['sample']['steps']}",
             dataset=f"{config['experiment']}:val",
         ),
-        encoder=lambda wc: f"{encoder_args(wc.encoder, '--encoder-checkpoint')} {trust_flag('--trust-encoder')} "
+        encoder=lambda wc: f"{encoder_args(wc.encoder)} {trust_flag('--trust-encoder')} "
         f"--layer {wc.layer}",
         opts=evaluate_opts(),
         device=device_opt(),
@@ -52,7 +52,7 @@ rule tradeoff:
         f"{BENCH}/tradeoff/{{encoder}}/{{layer}}.tsv"
     params:
         out=lambda wc, output: Path(output.table).parent,
-        encoder=lambda wc: encoder_args(wc.encoder, "--encoder-checkpoint"),
+        encoder=lambda wc: encoder_args(wc.encoder),
         opts=tradeoff_opts(),
     threads: rule_threads("tradeoff")
     resources:

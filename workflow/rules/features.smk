@@ -22,7 +22,7 @@ for _encoder, _spec in ENCODERS.items():
                 dataset=datasets_regex(_sharded),
             params:
                 data=lambda wc: dataset_args(wc.dataset),
-                encoder=f"{encoder_args(_encoder)} {trust_flag()} {opts(dtype=config['extract']['feature_dtype'])}",
+                encoder=f"{encoder_args(_encoder)} {trust_flag('--trust-encoder')} {opts(dtype=config['extract']['feature_dtype'])}",
                 out=features_out(_encoder, _spec["layers"]),
                 shard=shard_args if _sharded else "",
                 run=extract_run_opts(),

@@ -49,7 +49,7 @@ rule study:
         study=STUDY_NAMES,
     params:
         out=lambda wc: study_dir(wc.encoder, wc.layer, wc.dataset, wc.study),
-        encoder=lambda wc: encoder_args(wc.encoder, "--encoder-checkpoint"),
+        encoder=lambda wc: encoder_args(wc.encoder),
         probe=lambda wc, input: opts(probe=input.probe or None),
         opts=lambda wc: study_opts(wc.study),
     threads: rule_threads("study")
@@ -88,7 +88,7 @@ rule study_trunk_head:
         f"{BENCH}/study/{{encoder}}/both/{{dataset}}/trunk-head.tsv"
     params:
         out=lambda wc: study_dir(wc.encoder, "both", wc.dataset, "trunk-head"),
-        encoder=lambda wc: encoder_args(wc.encoder, "--encoder-checkpoint"),
+        encoder=lambda wc: encoder_args(wc.encoder),
         probe=lambda wc, input: opts(probe=input.probe or None),
         opts=study_opts("trunk-head"),
     threads: rule_threads("study")

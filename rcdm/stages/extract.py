@@ -26,8 +26,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from rcdm import h5schema as hs
 from rcdm.data import BAD_IMAGE_POLICIES, BadImageError, ImageSource, open_dataset
+from rcdm.device import DEVICE_HELP, resolve_device
+from rcdm.formats import hdf5 as hs
 from rcdm.io import atomic_path, sha256_file
 from rcdm.preprocess import CROP_METHOD, INPUT_NORMS, center_crop_arr, encoder_input
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 IDENTITY_KEYS = (
     "kind", "dataset", "split", "selection_seed", "num_images_requested", "source_size",
     "shard", "num_shards", "shard_start", "shard_stop", "image_size",
-    "encoder", "layer", "checkpoint_sha256", "dtype", "input_norm_requested", "input_size_requested",
+    "encoder", "layer", "encoder_sha256", "dtype", "input_norm_requested", "input_size_requested",
 )  # fmt: skip
 
 
@@ -62,7 +63,7 @@ class ExtractJob:
     images_out: Path | None = None
     features_out: dict[str, Path] = field(default_factory=dict)
     encoder_name: str = ""
-    checkpoint_sha256: str = ""
+    encoder_sha256: str = ""
     dtype: str = "float32"
     shard: int = 0
     num_shards: int = 1
@@ -113,7 +114,7 @@ class ExtractJob:
                 **common,
                 "encoder": self.encoder_name,
                 "layer": layer,
-                "checkpoint_sha256": self.checkpoint_sha256,
+                "encoder_sha256": self.encoder_sha256,
                 "dtype": self.dtype,
                 "input_norm_requested": self.input_norm or "",
                 "input_size_requested": self.input_size or 0,
@@ -240,15 +241,6 @@ def _encoder_dims(encoder: nn.Module) -> dict[str, int]:
     return {encoder.layer: int(encoder.dim)}
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but CUDA is not available")
-    return dev
-
-
 class _FeatureSink:
     """Encodes a batch on the device and writes the previous batch's features meanwhile (one batch lag)."""
 
@@ -328,7 +320,7 @@ def run_extraction(
         )
         return summary
     t0 = time.perf_counter()
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     images_out = next((o for o in todo if o.kind == hs.KIND_IMAGES), None)
     feature_outs = {o.layer: o for o in todo if o.kind == hs.KIND_FEATURES}
     encoder = None
@@ -524,8 +516,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument(
         "--encoder", help="dino | simclr | barlow | vicreg | supervised | small | package.module:factory"
     )
-    o.add_argument("--checkpoint", type=Path, help="the encoder's weight file")
-    o.add_argument("--trust-checkpoint", action="store_true", help="allow checkpoints that unpickle code")
+    o.add_argument("--encoder-checkpoint", type=Path, help="the encoder's weight file")
+    o.add_argument("--trust-encoder", action="store_true", help="allow encoder files that unpickle code")
+    # Old spellings (before 0.2), kept so scripts keep working: --checkpoint read as the RCDM model elsewhere.
+    o.add_argument("--checkpoint", type=Path, dest="old_checkpoint", help=argparse.SUPPRESS)
+    o.add_argument("--trust-checkpoint", action="store_true", dest="old_trust", help=argparse.SUPPRESS)
     o.add_argument(
         "--layers", nargs="+", choices=("trunk", "head"), help="default: the layers of --features-out"
     )
@@ -538,20 +533,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--num-shards", type=int, default=1)
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--workers", type=int, default=4, help="DataLoader processes decoding and cropping")
-    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    r.add_argument("--device", default="auto", help=DEVICE_HELP)
     r.add_argument(
         "--no-autocast", action="store_true", help="run the encoder in fp32 on CUDA (default bf16)"
     )
     r.add_argument("--no-progress", action="store_true")
 
 
+def _deprecated_spellings(args: argparse.Namespace) -> None:
+    """Map the old ``--checkpoint`` / ``--trust-checkpoint`` onto the encoder options, with a warning."""
+    if args.old_checkpoint is not None:
+        if args.encoder_checkpoint is not None:
+            raise SystemExit("rcdm extract: give --encoder-checkpoint only (--checkpoint is its old name)")
+        print("rcdm extract: --checkpoint is deprecated, use --encoder-checkpoint", file=sys.stderr)
+        args.encoder_checkpoint = args.old_checkpoint
+    if args.old_trust:
+        print("rcdm extract: --trust-checkpoint is deprecated, use --trust-encoder", file=sys.stderr)
+        args.trust_encoder = True
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _deprecated_spellings(args)
     features_out = _parse_features_out(args.features_out, args.layers)
     if features_out and not args.encoder:
-        raise SystemExit("--features-out needs --encoder (and usually --checkpoint)")
+        raise SystemExit("rcdm extract: --features-out needs --encoder (and usually --encoder-checkpoint)")
     source = open_dataset(args.dataset, args.split, args.num_images, args.seed, args.native_size)
-    sha = sha256_file(args.checkpoint) if features_out and args.checkpoint is not None else ""
+    sha = sha256_file(args.encoder_checkpoint) if features_out and args.encoder_checkpoint is not None else ""
     job = ExtractJob(
         source=source,
         dataset=args.dataset,
@@ -560,7 +568,7 @@ def run(args: argparse.Namespace) -> int:
         images_out=args.images_out,
         features_out=features_out,
         encoder_name=args.encoder or "",
-        checkpoint_sha256=sha,
+        encoder_sha256=sha,
         dtype=args.dtype,
         shard=args.shard,
         num_shards=args.num_shards,
@@ -573,10 +581,10 @@ def run(args: argparse.Namespace) -> int:
     def factory(layers: list[str]) -> nn.Module:
         from rcdm import encoders
 
-        kw = dict(trust=args.trust_checkpoint, input_size=args.input_size, input_norm=args.input_norm)
+        kw = dict(trust=args.trust_encoder, input_size=args.input_size, input_norm=args.input_norm)
         if len(layers) == 2:
-            return encoders.load_pair(args.encoder, args.checkpoint, **kw)
-        return encoders.load(args.encoder, args.checkpoint, layers[0], **kw)
+            return encoders.load_pair(args.encoder, args.encoder_checkpoint, **kw)
+        return encoders.load(args.encoder, args.encoder_checkpoint, layers[0], **kw)
 
     run_extraction(
         job,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rcdm.studies import common
+from rcdm.stages.study import common
 
 NAME = "manipulate"
 FAISS_MIN_SIZE = 200_000

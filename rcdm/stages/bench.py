@@ -4,8 +4,8 @@ Benchmarks (``--benchmarks``): ``sample`` (images/s of full sampling runs per sa
 size), ``train`` (full training steps: forward, hybrid loss, backward, AdamW, EMA), ``update`` (the optimizer
 step and EMA update alone: for-loop vs foreach vs fused AdamW, per-tensor vs foreach EMA), ``data`` (training
 batches read from HDF5 with 0 vs N DataLoader workers and prefetching), ``extract`` (decode + crop + encode +
-write of a synthetic JPEG folder through ``rcdm.extract.run_extraction``) and ``evaluate`` (the embedding pass
-of ``rcdm.evaluate.evaluate``: conditioning encoder, plus the FID Inception when available).
+write of a synthetic JPEG folder through ``rcdm.stages.extract.run_extraction``) and ``evaluate`` (the
+embedding pass of ``rcdm.scoring.evaluate``: conditioning encoder, plus the FID Inception when available).
 
 Two kinds of comparison, each a ratio of images/s measured in the same run:
 
@@ -402,14 +402,14 @@ def bench_update(ctx: BenchContext, variant: Variant) -> list[dict[str, Any]]:
 
 def _synthetic_h5(ctx: BenchContext, n: int) -> tuple[Path, Path]:
     """An images file (random uint8 crops at the model size) and a matching features file."""
-    from rcdm import h5schema
+    from rcdm.formats import hdf5
 
     size, dim = int(ctx.flags["image_size"]), int(ctx.flags.get("ssl_dim", 2048))
     rng = np.random.default_rng(ctx.args.seed)
     root = ctx.workdir("data")
     images, features = root / "images.h5", root / "features.h5"
-    h5schema.write_images_file(images, rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8))
-    h5schema.write_features_file(features, rng.standard_normal((n, 2, dim), dtype=np.float32))
+    hdf5.write_images_file(images, rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+    hdf5.write_features_file(features, rng.standard_normal((n, 2, dim), dtype=np.float32))
     return images, features
 
 
@@ -458,7 +458,7 @@ def _with_size(module: nn.Module, size: int) -> nn.Module:
 
 def random_resnet50() -> nn.Module:
     """Randomly initialised ResNet-50 trunk at 224 px: the published encoders' cost, without their weights
-    (usable as ``--encoder rcdm.bench:random_resnet50``; throughput does not depend on the weights)."""
+    (usable as ``--encoder rcdm.stages.bench:random_resnet50``; throughput does not depend on the weights)."""
     from rcdm.encoders import resnet50_trunk
 
     torch.manual_seed(0)
@@ -478,7 +478,7 @@ def _load_encoder(ctx: BenchContext, layer: str = "trunk") -> nn.Module:
 
     name = ctx.args.encoder
     if name in ("resnet50", "small"):
-        name = f"rcdm.bench:random_{'resnet50' if name == 'resnet50' else 'small_encoder'}"
+        name = f"rcdm.stages.bench:random_{'resnet50' if name == 'resnet50' else 'small_encoder'}"
     return encoders.load(name, ctx.args.encoder_checkpoint, layer, trust=ctx.args.trust_checkpoint)
 
 
@@ -496,10 +496,10 @@ def _jpeg_folder(ctx: BenchContext, n: int, size: int) -> Path:
 
 @register("extract")
 def bench_extract(ctx: BenchContext, variant: Variant) -> list[dict[str, Any]]:
-    """Images/s of ``rcdm.extract.run_extraction`` on a synthetic JPEG folder: decode, crop to the model
-    size and to the encoder size, encode image and mirror, write both HDF5 files; 0 vs ``--workers``."""
+    """Images/s of ``rcdm.stages.extract.run_extraction`` on a synthetic JPEG folder: decode, crop to the
+    model size and to the encoder size, encode image and mirror, write both HDF5 files; 0 vs ``--workers``."""
     from rcdm.data import open_dataset
-    from rcdm.extract import ExtractJob, run_extraction
+    from rcdm.stages.extract import ExtractJob, run_extraction
 
     if not variant.is_baseline:
         return []
@@ -542,12 +542,12 @@ def _inception(ctx: BenchContext):
 
 @register("evaluate")
 def bench_evaluate(ctx: BenchContext, variant: Variant) -> list[dict[str, Any]]:
-    """Images/s of ``rcdm.evaluate.evaluate`` on synthetic samples: the streaming embedding pass (encoder,
+    """Images/s of ``rcdm.scoring.evaluate`` on synthetic samples: the streaming embedding pass (encoder,
     plus Inception when present) and the metric computations (FD_rep, rank/MRR; FID/IS without reference
     statistics are skipped by evaluate itself)."""
-    from rcdm import h5schema
-    from rcdm.evaluate import evaluate
-    from rcdm.sample_merge import write_npz
+    from rcdm.formats import hdf5
+    from rcdm.formats.npz import write_npz
+    from rcdm.scoring import evaluate
 
     if not variant.is_baseline:
         return []
@@ -561,7 +561,7 @@ def bench_evaluate(ctx: BenchContext, variant: Variant) -> list[dict[str, Any]]:
     samples = write_npz(root / "samples.npz", images.shape, iter([(images, cond, np.zeros(n, np.int64))]),
                         {"sampler": "bench"})  # fmt: skip
     features = root / "features.h5"
-    h5schema.write_features_file(features, rng.standard_normal((n, 2, encoder.dim), dtype=np.float32))
+    hdf5.write_features_file(features, rng.standard_normal((n, 2, encoder.dim), dtype=np.float32))
 
     def once():
         evaluate(samples, features=features, encoder=encoder, inception=inception,

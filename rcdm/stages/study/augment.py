@@ -26,7 +26,7 @@ import math
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from rcdm.studies import common
+from rcdm.stages.study import common
 
 NAME = "augment"
 AUGMENTATIONS = ("crop", "jitter", "grayscale", "blur", "solarize", "flip")
@@ -118,7 +118,7 @@ def _study(args: argparse.Namespace, out: common.StudyOutput) -> list:
 
     keep = None
     if ctx.probe is not None and src.factors:
-        from rcdm.studies.probe import keep_fractions
+        from rcdm.stages.study.probe import keep_fractions
 
         keep = keep_fractions(ctx.probe, (samples.view(n, c * k, *samples.shape[1:]) + 1) / 2, src.factors)
 

@@ -49,8 +49,9 @@ from tqdm import tqdm
 
 from rcdm.distributed import DistContext, barrier, cleanup, init_distributed
 from rcdm.ema import EMA, rate_tag
+from rcdm.factory import read_model_flags
 from rcdm.io import atomic_path, safe_torch_load
-from rcdm.timestep_sampler import LossAwareSampler, create_named_schedule_sampler
+from rcdm.schedule_sampler import LossAwareSampler, create_named_schedule_sampler
 from rcdm.train_data import H5PairDataset, StepBatchSampler, ignore_stop_signals, to_model_images
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; rerun to resume
@@ -115,29 +116,11 @@ class TrainConfig:
 
 
 def load_model_flags(spec: str | os.PathLike | dict | None) -> dict[str, Any]:
-    """Model flags from a dict, a JSON string, or a YAML/JSON file of the published flag names."""
-    if spec is None or spec == "":
-        return {}
-    if isinstance(spec, dict):
-        return dict(spec)
-    text = str(spec).strip()
-    if text.startswith("{"):
-        try:
-            flags = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise TrainConfigError(f"--model-flags is not valid JSON: {err}") from err
-    else:
-        import yaml
-
-        path = Path(text)
-        if not path.is_file():
-            raise TrainConfigError(f"model flags file not found: {path}")
-        flags = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(flags, dict):
-        raise TrainConfigError(
-            f"model flags must be a mapping of flag names to values, got {type(flags).__name__}"
-        )
-    return flags
+    """Model flags (:func:`rcdm.factory.read_model_flags`); a bad value is a :class:`TrainConfigError`."""
+    try:
+        return read_model_flags(spec) or {}
+    except ValueError as err:
+        raise TrainConfigError(str(err)) from err
 
 
 def seed_for(*keys: int) -> int:
@@ -801,7 +784,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     from rcdm.checkpoint import CheckpointMismatchError
     from rcdm.factory import UnknownFlagError
-    from rcdm.h5schema import H5SchemaError
+    from rcdm.formats.hdf5 import H5SchemaError
     from rcdm.io import UnsafeCheckpointError
 
     config_errors = (

@@ -1,21 +1,19 @@
-"""Stage ``rcdm evaluate``: realism (FID, IS, precision/recall) and faithfulness (FD_rep, rank, MRR).
+"""Scoring a sample set: realism (FID, IS, precision/recall) and faithfulness (FD_rep, rank, MRR).
 
 One streaming pass over ``samples.npz`` feeds every metric: the FID Inception (pool3 statistics, logits for
 IS, optionally pool3 features for precision/recall) and the conditioning encoder (representations of the
-samples, preprocessed like extraction: ``center_crop_arr`` to the encoder's input size, [-1, 1], its input
-norm). FD_rep compares the samples' representations with those of the conditioning images; rank/MRR ranks
-each sample's own conditioning among all conditionings used. Reference Inception statistics are computed
-once per reference set and cached in a file keyed by the reference images' content and the Inception
-weights. Whatever cannot be computed (no Inception file, no encoder checkpoint, ...) is left empty and the
-``status`` column says why; no number is ever made up. The result is one row in ``metrics.csv``.
+samples through :func:`rcdm.preprocess.encoder_view`, the path a stored image takes at extraction). FD_rep
+compares the samples' representations with those of the conditioning images; rank/MRR ranks each sample's
+own conditioning among all conditionings used. Reference Inception statistics are computed once per
+reference set and cached in a file keyed by the reference images' content and the Inception weights.
+Whatever cannot be computed (no Inception file, no encoder checkpoint, ...) is left empty and the ``status``
+says why; no number is ever made up.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +24,9 @@ import h5py
 import numpy as np
 import torch
 
-from rcdm import h5schema
+from rcdm.formats import hdf5
+from rcdm.formats.metrics_csv import COLUMNS
+from rcdm.formats.npz import iter_npz_array, npz_array_shape, read_npz_meta
 from rcdm.io import atomic_path, sha256_file
 from rcdm.metrics import (
     RunningStats,
@@ -36,16 +36,8 @@ from rcdm.metrics import (
     precision_recall,
     rank_mrr,
 )
-from rcdm.sample_merge import iter_npz_array, npz_array_shape, read_npz_meta
+from rcdm.preprocess import encoder_view
 
-#: metrics.csv columns, in order (the first ones are the paper's Table 1 fields)
-COLUMNS = (
-    "run_id", "dataset", "encoder", "layer", "sampler", "steps", "n_samples", "n_fid", "n_reference",
-    "fid", "is_mean", "is_std", "fd_rep", "mean_rank", "median_rank", "mrr", "top1", "top5", "chance_mrr",
-    "precision", "recall", "inception_sha256", "status",
-    "n_cond", "samples_per_image", "rank_metric", "eta", "seed", "checkpoint_sha256", "samples_file",
-    "timestamp",
-)  # fmt: skip
 CACHE_VERSION = 1
 
 
@@ -60,9 +52,6 @@ class Evaluation:
         out = {c: self.values.get(c) for c in COLUMNS}
         out["status"] = "; ".join(self.status) if self.status else "ok"
         return out
-
-
-# ----------------------------------------------------------------------------------------------- reference
 
 
 def _subset(n: int, n_reference: int | None, seed: int = 0) -> np.ndarray:
@@ -100,9 +89,9 @@ def reference_statistics(
     """
     from tqdm.auto import tqdm
 
-    h5schema.check_images_file(images_file, deep=False)
+    hdf5.check_images_file(images_file, deep=False)
     with h5py.File(images_file, "r") as h5:
-        n_total = h5[h5schema.IMAGES].shape[0]
+        n_total = h5[hdf5.IMAGES].shape[0]
     rows = _subset(n_total, n_reference)
     cache = None
     if cache_dir is not None:
@@ -114,7 +103,7 @@ def reference_statistics(
     stats = RunningStats(2048, device=next(inception.parameters()).device)
     feats = []
     with h5py.File(images_file, "r") as h5, torch.inference_mode():
-        ds = h5[h5schema.IMAGES]
+        ds = h5[hdf5.IMAGES]
         for lo in tqdm(range(0, len(rows), batch_size), desc="reference inception", disable=not progress):
             idx = rows[lo : lo + batch_size]
             block = ds[int(idx[0]) : int(idx[-1]) + 1][idx - idx[0]]
@@ -143,9 +132,6 @@ def load_reference_stats(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files if k in ("mu", "sigma", "n", "features")}
 
 
-# ------------------------------------------------------------------------------------------- conditionings
-
-
 def conditioning_embeddings(
     meta: dict[str, Any], features_file: str | os.PathLike | None
 ) -> tuple[np.ndarray, np.ndarray, str]:
@@ -166,14 +152,14 @@ def conditioning_embeddings(
         return ids, meta["cond_features"][[pos[int(c)] for c in ids]].astype(np.float32), "samples file"
     if features_file is None:
         raise FileNotFoundError("no features file given (--features) for the conditioning representations")
-    attrs = h5schema.check_features_file(features_file, deep=False)
+    attrs = hdf5.check_features_file(features_file, deep=False)
     if int(ids[-1]) >= int(attrs["num_images"]):
         raise ValueError(
             f"cond_index up to {int(ids[-1])} but {features_file} has {attrs['num_images']} rows"
         )
     out = np.empty((len(ids), int(attrs["dim"])), dtype=np.float32)
     with h5py.File(features_file, "r") as h5:
-        ds = h5[h5schema.FEATURES]
+        ds = h5[hdf5.FEATURES]
         step = max(1, (256 << 20) // (8 * int(attrs["dim"])))
         for lo in range(0, len(ids), step):
             part = ids[lo : lo + step]
@@ -185,9 +171,6 @@ def conditioning_embeddings(
     return ids, out, str(features_file)
 
 
-# ----------------------------------------------------------------------------------------------- evaluation
-
-
 class _Embedder:
     """Conditioning-encoder representations of uint8 samples, preprocessed exactly like extraction."""
 
@@ -197,13 +180,9 @@ class _Embedder:
         self.pool = ThreadPoolExecutor(max(1, workers))  # PIL resizes release the GIL
 
     def __call__(self, images: np.ndarray) -> torch.Tensor:
-        from PIL import Image
-
-        from rcdm.preprocess import center_crop_arr, encoder_input
-
-        size = int(self.encoder.input_size)
-        crops = list(self.pool.map(lambda a: center_crop_arr(Image.fromarray(a), size), images))
-        x = encoder_input(torch.from_numpy(np.stack(crops)).to(self.device), self.encoder.input_norm)
+        x = encoder_view(
+            images, int(self.encoder.input_size), self.encoder.input_norm, device=self.device, pool=self.pool
+        )
         return self.encoder(x).float()
 
     def close(self) -> None:
@@ -256,7 +235,8 @@ def evaluate(
         n_samples=n, sampler=settings.get("sampler"), steps=settings.get("num_steps", settings.get("steps")),
         eta=settings.get("eta"), seed=settings.get("seed"),
         samples_per_image=settings.get("samples_per_image"),
-        checkpoint_sha256=settings.get("checkpoint_sha256"), dataset=settings.get("dataset"),
+        model_sha256=settings.get("model_sha256") or settings.get("checkpoint_sha256"),
+        dataset=settings.get("dataset"),
         encoder=settings.get("encoder"), layer=settings.get("layer"), samples_file=str(samples),
     )  # fmt: skip
 
@@ -367,110 +347,3 @@ def evaluate(
         )  # fmt: skip
         ev.values.update({k: ranks[k] for k in ("mean_rank", "median_rank", "mrr", "top1", "top5")})
     return ev
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-
-
-def write_metrics_csv(path: str | os.PathLike, row: dict[str, Any]) -> Path:
-    """Write one metrics row (all :data:`COLUMNS`, empty where None) atomically."""
-    import pandas as pd
-
-    path = Path(path)
-    with atomic_path(path, suffix=".csv") as tmp:
-        pd.DataFrame([row], columns=list(COLUMNS)).to_csv(tmp, index=False, float_format="%.6g")
-    return path
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--samples", required=True, help="samples .npz written by `rcdm merge-samples`")
-    parser.add_argument("--out", required=True, help="metrics.csv to write")
-    parser.add_argument("--run-id", help="run identifier (default: the samples file's folder name)")
-    parser.add_argument("--dataset", help="dataset name for the table (default: from the samples' settings)")
-    g = parser.add_argument_group("realism (FID, IS, precision/recall)")
-    g.add_argument("--weights-dir", default="weights", help="folder holding the FID Inception weights file")
-    g.add_argument("--reference-images", help="images file whose images are the FID reference set")
-    g.add_argument("--reference-stats", help=".npz with mu and sigma of the reference set (instead)")
-    g.add_argument("--n-reference", type=int, help="seeded random subset of the reference images")
-    g.add_argument(
-        "--n-fid", type=int, help="Inception metrics on the first N samples only (paper: 10000); default all"
-    )
-    g.add_argument("--cache-dir", help="where reference statistics are cached (default: beside --out)")
-    g.add_argument("--precision-recall", action="store_true", help="also k-NN precision/recall (k=3)")
-    g.add_argument("--is-splits", type=int, default=10)
-    g = parser.add_argument_group("faithfulness (FD_rep, rank, MRR)")
-    g.add_argument("--features", help="features file of the conditioning images (index 0 rows)")
-    g.add_argument("--encoder", help="conditioning encoder (default: the features file's)")
-    g.add_argument("--encoder-checkpoint", help="its weights file; without it FD_rep and rank are skipped")
-    g.add_argument("--layer", choices=("trunk", "head"), help="default: the features file's layer")
-    g.add_argument("--trust-encoder", action="store_true", help="allow encoder files that unpickle code")
-    g.add_argument("--rank-metric", default="cosine", choices=("cosine", "l2"))
-    g = parser.add_argument_group("execution")
-    g.add_argument("--batch-size", type=int, default=100)
-    g.add_argument("--workers", type=int, default=4, help="threads cropping samples for the encoder")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--no-progress", action="store_true")
-
-
-def _load_encoder(args, settings: dict[str, Any]) -> tuple[torch.nn.Module | None, str]:
-    """The conditioning encoder configured like extraction, or None and the reason."""
-    from rcdm import encoders
-
-    attrs = h5schema.check_features_file(args.features, deep=False) if args.features else {}
-    name = args.encoder or attrs.get("encoder") or settings.get("encoder")
-    layer = args.layer or attrs.get("layer") or settings.get("layer") or "trunk"
-    if not name:
-        return None, "no encoder named (--encoder)"
-    if not args.encoder_checkpoint and ":" not in name:
-        return None, f"no checkpoint for encoder {name!r} given (--encoder-checkpoint)"
-    if args.encoder_checkpoint and not Path(args.encoder_checkpoint).is_file():
-        return None, f"encoder checkpoint not found at {args.encoder_checkpoint}"
-    recorded = attrs.get("checkpoint_sha256") or ""
-    if args.encoder_checkpoint and recorded and sha256_file(args.encoder_checkpoint) != recorded:
-        raise SystemExit(
-            f"rcdm evaluate: {args.encoder_checkpoint} is not the encoder file the features were extracted "
-            f"with (sha256 {recorded[:12]}...)"
-        )
-    enc = encoders.load(
-        name, args.encoder_checkpoint, layer, trust=args.trust_encoder,
-        input_size=attrs.get("input_size") or settings.get("encoder_input_size") or None,
-        input_norm=attrs.get("input_norm") or settings.get("encoder_input_norm") or None,
-    )  # fmt: skip
-    return enc, ""
-
-
-def run(args: argparse.Namespace) -> int:
-    import datetime
-
-    from rcdm.inception import InceptionWeightsMissing, load_inception
-
-    device = torch.device(args.device)
-    settings = read_npz_meta(args.samples)["settings"]
-    try:
-        inception, inception_missing = load_inception(args.weights_dir, device=device), ""
-    except InceptionWeightsMissing as err:
-        inception, inception_missing = None, str(err)
-        print(f"rcdm evaluate: {err}", file=sys.stderr)
-    encoder, encoder_missing = _load_encoder(args, settings)
-    if encoder is None:
-        print(f"rcdm evaluate: FD_rep and rank skipped: {encoder_missing}", file=sys.stderr)
-    ev = evaluate(
-        args.samples, features=args.features, encoder=encoder, encoder_missing=encoder_missing,
-        inception=inception, inception_missing=inception_missing, reference_images=args.reference_images,
-        reference_stats=args.reference_stats, n_reference=args.n_reference, n_fid=args.n_fid,
-        cache_dir=args.cache_dir or Path(args.out).parent / "cache", rank_metric=args.rank_metric,
-        with_precision_recall=args.precision_recall, is_splits=args.is_splits, batch_size=args.batch_size,
-        workers=args.workers, device=device, progress=not args.no_progress,
-    )  # fmt: skip
-    ev.values["run_id"] = args.run_id or Path(args.samples).resolve().parent.name
-    if args.dataset:
-        ev.values["dataset"] = args.dataset
-    if encoder is not None:
-        ev.values["encoder"], ev.values["layer"] = encoder.encoder_name, encoder.layer
-    ev.values["timestamp"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    row = ev.row()
-    write_metrics_csv(args.out, row)
-    shown = {k: row[k] for k in ("fid", "is_mean", "fd_rep", "mean_rank", "mrr", "chance_mrr", "status")}
-    print(f"rcdm evaluate: {shown}", file=sys.stderr)
-    print(args.out)
-    return 0

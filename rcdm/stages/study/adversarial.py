@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from rcdm.io import safe_torch_load
-from rcdm.studies import common
+from rcdm.stages.study import common
 
 NAME = "adversarial"
 
@@ -139,7 +139,7 @@ def _study(args: argparse.Namespace, out: common.StudyOutput) -> list:
 
     probe_agree = None
     if ctx.probe is not None:
-        from rcdm.studies.probe import agreement
+        from rcdm.stages.study.probe import agreement
 
         probe_agree = agreement(ctx.probe, (s_clean + 1) / 2, (s_adv + 1) / 2)
     cls = {}

@@ -17,17 +17,23 @@ import argparse
 import importlib
 
 STUDIES: dict[str, tuple[str, str]] = {
-    "conditioned": ("rcdm.studies.conditioned", "validation images, each followed by k samples"),
+    "conditioned": ("rcdm.stages.study.conditioned", "validation images, each followed by k samples"),
     "ood": (
-        "rcdm.studies.ood",
+        "rcdm.stages.study.ood",
         "out-of-distribution images (photos or a folder), each followed by k samples",
     ),
-    "trunk-head": ("rcdm.studies.trunk_head", "trunk vs head conditioning, same images and noise"),
-    "augment": ("rcdm.studies.augment", "augmentation invariance of the representation"),
-    "adversarial": ("rcdm.studies.adversarial", "L-inf PGD on the input: representation and sample change"),
-    "interpolate": ("rcdm.studies.interpolate", "linear / spherical interpolation between representations"),
-    "manipulate": ("rcdm.studies.manipulate", "zero / replace dimensions shared by nearest neighbours"),
-    "probe": ("rcdm.studies.probe", "train the shapes factor probe used by --probe"),
+    "trunk-head": ("rcdm.stages.study.trunk_head", "trunk vs head conditioning, same images and noise"),
+    "augment": ("rcdm.stages.study.augment", "augmentation invariance of the representation"),
+    "adversarial": (
+        "rcdm.stages.study.adversarial",
+        "L-inf PGD on the input: representation and sample change",
+    ),
+    "interpolate": (
+        "rcdm.stages.study.interpolate",
+        "linear / spherical interpolation between representations",
+    ),
+    "manipulate": ("rcdm.stages.study.manipulate", "zero / replace dimensions shared by nearest neighbours"),
+    "probe": ("rcdm.stages.study.probe", "train the shapes factor probe used by --probe"),
 }
 
 

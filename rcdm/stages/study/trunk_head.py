@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from rcdm.studies import common
+from rcdm.stages.study import common
 
 NAME = "trunk-head"
 

@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from rcdm.studies import common
+from rcdm.stages.study import common
 
 NAME = "conditioned"
 TITLE = "Samples conditioned on validation images"
@@ -41,7 +41,7 @@ def conditioned_study(args: argparse.Namespace, out: common.StudyOutput, title: 
     cos = common.cosine_distance(emb, feats[owner])
     keep = None
     if ctx.probe is not None and src.factors:
-        from rcdm.studies.probe import keep_fractions
+        from rcdm.stages.study.probe import keep_fractions
 
         keep = keep_fractions(ctx.probe, ((samples + 1) / 2).view(n, k, *samples.shape[1:]), src.factors)
 

@@ -1,30 +1,20 @@
 """Stage ``rcdm sample``: generate images conditioned on representations, one shard of conditionings per job.
 
-Conditionings come from a features file (row i, index 0 = the image's representation) or from images (a
-folder, ``photos``, ``shapes``) encoded on the fly. Shard i of k covers a fixed contiguous slice of the
-(selected) conditionings. Sample j of conditioning c starts from noise drawn from a generator seeded by a hash
-of (seed, c, j) -- initial and per-step noise alike -- so every sample is reproducible and independent of the
-number of shards and of the batch size.
-
-Shard file (HDF5, ``kind = "samples"``): ``samples`` uint8 [n, S, S, 3], ``cond_index`` int64 [n] (row of the
-features file / index in the dataset), ``sample_index`` int64 [n]; with image conditioning also
-``cond_images`` uint8 [m, S, S, 3] and ``cond_features`` float32 [m, D] for the shard's m conditionings
-(``cond_ids`` int64 [m]); settings as attributes (``settings_json`` holds all of them). Samples are written
-conditioning-major. Progress is flushed after every batch to ``<shard>.partial``: a killed job resumes where
-it stopped; the final name appears (by rename) only when the shard is complete and is never recomputed.
+Shard i of k covers a fixed contiguous slice of the (selected) conditionings (:mod:`rcdm.conditioning`: the
+conditionings and the per-sample noise; :mod:`rcdm.formats.samples`: the shard file). Progress is flushed
+after every batch to ``<shard>.partial``: a killed job resumes where it stopped; the final name appears (by
+rename) only when the shard is complete and is never recomputed.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
-import struct
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,215 +22,31 @@ import h5py
 import numpy as np
 import torch
 
-from rcdm import h5schema
+from rcdm.conditioning import (
+    SEED_RULE,
+    FeatureConditioning,
+    ImageConditioning,
+    make_generators,
+    select_conditionings,
+)
+from rcdm.device import DEVICE_HELP, resolve_device
+from rcdm.factory import read_model_flags
+from rcdm.formats import hdf5
+from rcdm.formats.samples import (
+    COND_FEATURES,
+    COND_IDS,
+    COND_IMAGES,
+    COND_INDEX,
+    SAMPLE_INDEX,
+    SAMPLES,
+    ShardSettingsMismatch,
+    check_samples_file,
+    create_partial,
+    read_settings,
+)
+from rcdm.preprocess import to_uint8
 
-KIND = "samples"
-FORMAT_VERSION = 1
-SAMPLES = "samples"
-COND_INDEX = "cond_index"
-SAMPLE_INDEX = "sample_index"
-COND_IDS = "cond_ids"
-COND_IMAGES = "cond_images"
-COND_FEATURES = "cond_features"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class ShardSettingsMismatch(RuntimeError):
-    """An existing shard file was written with different settings."""
-
-
-# ----------------------------------------------------------------------------------------------- noise
-
-
-def noise_seed(seed: int, cond_index: int, sample_index: int) -> int:
-    """63-bit generator seed for sample ``sample_index`` of conditioning ``cond_index`` (blake2b hash)."""
-    digest = hashlib.blake2b(struct.pack("<qqq", seed, cond_index, sample_index), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def make_generators(
-    seed: int, cond_index: Sequence[int], sample_index: Sequence[int], device: torch.device | str
-) -> list[torch.Generator]:
-    """One generator per batch element, seeded by :func:`noise_seed`."""
-    gens = []
-    for c, s in zip(cond_index, sample_index):
-        g = torch.Generator(device=device)
-        g.manual_seed(noise_seed(seed, int(c), int(s)))
-        gens.append(g)
-    return gens
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float [N, 3, H, W] -> uint8 [N, H, W, 3], as guided-diffusion's sample script converts."""
-    return ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
-# ----------------------------------------------------------------------------------------------- conditioning
-
-
-class FeatureConditioning:
-    """Conditioning representations read from a features file (index 0: the unflipped image)."""
-
-    kind = "features"
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.attrs = h5schema.check_features_file(self.path, deep=False)
-        self.n = int(self.attrs["num_images"])
-        self.dim = int(self.attrs["dim"])
-        self._h5: h5py.File | None = None
-
-    def describe(self) -> dict[str, Any]:
-        a = self.attrs
-        return {
-            "cond_source": "features",
-            "features_file": str(self.path),
-            "features_paths_sha256": a.get("paths_sha256", ""),
-            "images_file": a.get("images_file", ""),
-            "dataset": a.get("dataset", ""),
-            "split": a.get("split", ""),
-            "encoder": a.get("encoder", ""),
-            "layer": a.get("layer", ""),
-        }
-
-    def features(self, ids: np.ndarray) -> torch.Tensor:
-        """float32 [len(ids), D] for sorted, distinct conditioning indices ``ids``."""
-        if self._h5 is None:
-            self._h5 = h5py.File(self.path, "r")
-        ds = self._h5[h5schema.FEATURES]
-        ids = np.asarray(ids, dtype=np.int64)
-        lo, hi = int(ids[0]), int(ids[-1]) + 1
-        if hi - lo <= 2 * len(ids):  # (nearly) contiguous: one slice read
-            block = ds[lo:hi, 0][ids - lo]
-        else:
-            block = ds[ids, 0]
-        return torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
-
-    def cond_images(self, ids: np.ndarray) -> None:
-        return None
-
-    def close(self) -> None:
-        if self._h5 is not None:
-            self._h5.close()
-            self._h5 = None
-
-
-class ImageConditioning:
-    """Conditioning images from a dataset, cropped and encoded on the fly like extraction does."""
-
-    kind = "images"
-
-    def __init__(self, source, encoder: torch.nn.Module, image_size: int, device: torch.device, spec: str):
-        self.source = source
-        self.encoder = encoder.to(device)
-        self.image_size = image_size
-        self.device = device
-        self.spec = spec
-        self.n = len(source)
-        self.dim = int(encoder.dim)
-        self._cache: dict[int, tuple[np.ndarray, torch.Tensor]] = {}
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "cond_source": "images",
-            "dataset": self.spec,
-            "encoder": self.encoder.encoder_name,
-            "layer": self.encoder.layer,
-            "encoder_input_size": int(self.encoder.input_size),
-            "encoder_input_norm": self.encoder.input_norm,
-        }
-
-    def _encode(self, ids: np.ndarray) -> None:
-        """Crop and encode (in one batch) those of ``ids`` not yet cached."""
-        from rcdm.preprocess import center_crop_arr, encoder_input
-
-        todo = [int(i) for i in ids if int(i) not in self._cache]
-        if not todo:
-            return
-        if len(self._cache) + len(todo) > 4096:
-            self._cache.clear()
-        crops, enc_in = [], []
-        for i in todo:
-            image = self.source.load(i)
-            crops.append(center_crop_arr(image, self.image_size))
-            enc_in.append(center_crop_arr(image, self.encoder.input_size))
-        x = encoder_input(torch.from_numpy(np.stack(enc_in)), self.encoder.input_norm).to(self.device)
-        with torch.inference_mode():
-            feats = self.encoder(x).float()
-        for i, crop, feat in zip(todo, crops, feats):
-            self._cache[i] = (crop, feat)
-
-    def features(self, ids: np.ndarray) -> torch.Tensor:
-        self._encode(ids)
-        return torch.stack([self._cache[int(i)][1] for i in ids])
-
-    def cond_images(self, ids: np.ndarray) -> np.ndarray:
-        self._encode(ids)
-        return np.stack([self._cache[int(i)][0] for i in ids])
-
-    def close(self) -> None:
-        self._cache.clear()
-
-
-def select_conditionings(n: int, num_images: int | None, subset_seed: int) -> np.ndarray:
-    """Sorted conditioning indices: all ``n``, or a seeded random subset of ``num_images`` of them."""
-    if num_images is None or num_images >= n:
-        return np.arange(n, dtype=np.int64)
-    if num_images < 1:
-        raise ValueError(f"num_images must be positive, got {num_images}")
-    return np.sort(np.random.default_rng(subset_seed).choice(n, size=num_images, replace=False)).astype(
-        np.int64
-    )
-
-
-# ----------------------------------------------------------------------------------------------- shard file
-
-
-def read_settings(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``settings_json`` attribute of a (partial or complete) shard file."""
-    with h5py.File(path, "r") as h5:
-        return json.loads(h5.attrs["settings_json"])
-
-
-def check_samples_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Validate a finished samples shard; return its attributes (``settings`` decoded)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"samples shard not found: {path}")
-    with h5py.File(path, "r") as h5:
-        attrs = h5schema.read_attrs(h5)
-        if attrs.get("kind") != KIND or not attrs.get("complete"):
-            raise h5schema.H5SchemaError(f"{path}: not a complete samples shard (kind={attrs.get('kind')!r})")
-        n = int(attrs["num_samples"])
-        s = int(attrs["image_size"])
-        for name, shape in ((SAMPLES, (n, s, s, 3)), (COND_INDEX, (n,)), (SAMPLE_INDEX, (n,))):
-            if name not in h5 or h5[name].shape != shape:
-                got = h5[name].shape if name in h5 else "missing"
-                raise h5schema.H5SchemaError(f"{path}: dataset {name!r} is {got}, expected {shape}")
-    attrs["settings"] = json.loads(attrs["settings_json"])
-    return attrs
-
-
-def _create_partial(
-    path: Path, settings: dict, n: int, m: int, size: int, dim: int, with_images: bool
-) -> None:
-    with h5py.File(path, "w") as h5:
-        rows = max(1, min(n, 64))
-        h5.create_dataset(SAMPLES, shape=(n, size, size, 3), dtype=np.uint8, chunks=(rows, size, size, 3))
-        h5.create_dataset(COND_INDEX, shape=(n,), dtype=np.int64)
-        h5.create_dataset(SAMPLE_INDEX, shape=(n,), dtype=np.int64)
-        if with_images:
-            h5.create_dataset(COND_IDS, shape=(m,), dtype=np.int64)
-            h5.create_dataset(COND_IMAGES, shape=(m, size, size, 3), dtype=np.uint8)
-            h5.create_dataset(COND_FEATURES, shape=(m, dim), dtype=np.float32)
-        flat = {k: v for k, v in settings.items() if isinstance(v, str | int | float | bool)}
-        h5schema.set_attrs(h5, flat)
-        h5.attrs["kind"] = KIND
-        h5.attrs["format_version"] = FORMAT_VERSION
-        h5.attrs["num_samples"] = n
-        h5.attrs["settings_json"] = json.dumps(settings, sort_keys=True)
-        h5.attrs["done"] = 0
-        h5.attrs["complete"] = False
 
 
 def _batches(n: int, batch_size: int, start: int) -> Iterator[tuple[int, int]]:
@@ -309,7 +115,7 @@ def generate_shard(
         except (OSError, KeyError, ValueError):
             start = 0
     if start == 0:
-        _create_partial(partial, settings, n, m, size, cond.dim, with_images)
+        create_partial(partial, settings, n, m, size, cond.dim, with_images)
     elif progress:
         print(f"rcdm sample: resuming {partial} at sample {start} of {n}", file=sys.stderr)
 
@@ -358,21 +164,6 @@ def generate_shard(
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-def load_flags(path: str | os.PathLike | None) -> dict[str, Any] | None:
-    """Model flags from a JSON or YAML file (None: let the checkpoint loader infer them)."""
-    if path is None:
-        return None
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model flags file not found: {path}")
-    flags = yaml.safe_load(path.read_text())
-    if not isinstance(flags, dict):
-        raise ValueError(f"{path}: model flags must be a mapping of flag names to values")
-    return flags
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--checkpoint", required=True, help="RCDM checkpoint file (published or ours)")
@@ -396,7 +187,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-clip", action="store_true", help="do not clip x_0 predictions to [-1, 1]")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS), help="autocast precision")
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
     g.add_argument("--cuda-graph", action="store_true", help="replay a captured CUDA graph per step (CUDA)")
@@ -418,14 +209,11 @@ def _open_conditioning(args, image_size: int, device: torch.device):
     from rcdm import encoders
     from rcdm.data import open_dataset
 
-    enc = encoders.load(args.encoder, args.encoder_checkpoint, args.layer, trust=args.trust_encoder)
+    enc = encoders.load_as_extracted(
+        args.encoder, args.encoder_checkpoint, args.layer, trust=args.trust_encoder
+    )
     source = open_dataset(args.dataset, split=args.split)
     return ImageConditioning(source, enc, image_size, device, spec=args.dataset)
-
-
-SEED_RULE = "blake2b-8(<qqq: seed, cond_index, sample_index>) & (2**63-1) seeds one torch.Generator per item"
-#: settings that differ between the shards of one sample set
-SHARD_KEYS = ("shard", "num_shards", "shard_start", "shard_stop")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -434,15 +222,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.samples_per_image < 1 or args.batch_size < 1:
         raise SystemExit("rcdm sample: --samples-per-image and --batch-size must be >= 1")
-    out = h5schema.part_path(args.out, args.shard, args.num_shards)
-    device = torch.device(args.device)
+    out = hdf5.part_path(args.out, args.shard, args.num_shards)
+    device = resolve_device(args.device)
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
         raise SystemExit(f"rcdm sample: checkpoint not found: {checkpoint}")
-    flags = load_flags(args.model_flags)
+    flags = read_model_flags(args.model_flags)
     settings: dict[str, Any] = {
         "checkpoint": str(checkpoint),
-        "checkpoint_sha256": sha256_file(checkpoint),
+        "model_sha256": sha256_file(checkpoint),
         "model_flags": flags or {},
         "num_images": args.num_images or 0,
         "subset_seed": args.subset_seed,
@@ -478,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
                 f"has {cond.dim}-d ones ({cond.describe()})"
             )
         selected = select_conditionings(cond.n, args.num_images, args.subset_seed)
-        lo, hi = h5schema.shard_range(len(selected), args.shard, args.num_shards)
+        lo, hi = hdf5.shard_range(len(selected), args.shard, args.num_shards)
         settings.update(cond.describe())
         settings.update(
             image_size=image_size, ssl_dim=int(cond.dim), num_cond_total=int(len(selected)), shard_start=lo,

@@ -14,7 +14,8 @@ Features file (one per encoder and layer; ``kind = "features"``)
 Attributes of both: ``kind``, ``format_version``, ``num_images`` (N), ``paths_sha256`` (digest of the
 ``paths`` list: equal digests = same images in the same order), ``num_bad``, ``dataset``, ``split``,
 ``selection`` settings, shard settings; then per kind ``image_size``, ``crop_method`` or ``encoder``,
-``layer``, ``input_norm``, ``input_size``, ``dim``, ``checkpoint_sha256``, ``images_file``. ``complete`` is
+``layer``, ``input_norm``, ``input_size``, ``dim``, ``encoder_sha256`` (the encoder file),
+``images_file``. ``complete`` is
 written last: with atomic renames a file under its final name is always complete; the flag double-checks.
 """
 
@@ -95,7 +96,7 @@ class ChunkedWriter:
     """Appends rows to resizable, chunked datasets of an open ``h5py.File`` (memory bounded by one batch).
 
     ``specs`` maps a dataset name (``"group/name"`` allowed) to ``(row_shape, dtype)``; every ``append`` must
-    give all of them with the same number of rows. String datasets use ``h5schema.STR``.
+    give all of them with the same number of rows. String datasets use ``hdf5.STR``.
     """
 
     def __init__(self, h5: h5py.File, specs: Mapping[str, tuple[Sequence[int], Any]]):

@@ -1,8 +1,8 @@
 """Stage ``rcdm tradeoff``: sampler speed versus quality (FD_rep and MRR against UNet evaluations).
 
 For every sampler and step count of a grid, the same conditionings (a seeded subset of a validation features
-file) are sampled with the same per-sample noise (``rcdm.sample.make_generators``), timed, written as a
-samples ``.npz`` and scored by ``rcdm.evaluate.evaluate`` exactly as the evaluation stage scores a 50K set
+file) are sampled with the same per-sample noise (``rcdm.conditioning.make_generators``), timed, written as a
+samples ``.npz`` and scored by ``rcdm.scoring.evaluate`` exactly as the evaluation stage scores a 50K set
 (FD_rep against the conditionings' representations, rank/MRR of each sample's own conditioning). With the
 matching images file the real images are scored the same way (the ceiling a perfect model would reach).
 
@@ -24,10 +24,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import torch
 
+from rcdm import encoders
+from rcdm.checkpoint import load_model
+from rcdm.conditioning import FeatureConditioning, make_generators, select_conditionings
+from rcdm.device import DEVICE_HELP, resolve_device
+from rcdm.factory import read_model_flags
+from rcdm.formats import hdf5
+from rcdm.formats.npz import write_npz
 from rcdm.io import atomic_path, sha256_file
+from rcdm.preprocess import to_uint8
+from rcdm.scoring import evaluate
 
 __all__ = ["COLUMNS", "add_arguments", "plot", "recommend", "run", "run_tradeoff"]
 
@@ -146,7 +156,6 @@ def _sample_setting(
     """uint8 samples [n, S, S, 3] of one setting and the sampling wall time (device synchronised)."""
     from tqdm import tqdm
 
-    from rcdm.sample import make_generators, to_uint8
     from rcdm.samplers import sample
 
     size = int(model.image_size)
@@ -172,8 +181,6 @@ def _sample_setting(
 
 
 def _score(npz: Path, features: Path, encoder, args, device) -> dict[str, Any]:
-    from rcdm.evaluate import evaluate
-
     ev = evaluate(npz, features=features, encoder=encoder, inception=None,
                   inception_missing="not used by the trade-off study", batch_size=args.batch_size,
                   workers=args.workers, device=device, progress=False)  # fmt: skip
@@ -185,56 +192,33 @@ def _score(npz: Path, features: Path, encoder, args, device) -> dict[str, Any]:
 
 
 def _write_npz(path: Path, images: np.ndarray, ids: np.ndarray, settings: dict[str, Any]) -> None:
-    from rcdm.sample_merge import write_npz
-
     write_npz(path, images.shape, iter([(images, ids, np.zeros(len(ids), np.int64))]), settings)
 
 
 def _real_images(images_file: Path, ids: np.ndarray) -> np.ndarray:
-    import h5py
-
-    from rcdm import h5schema
-
     with h5py.File(images_file, "r") as h5:
-        return h5schema.read_rows(h5[h5schema.IMAGES], ids)
+        return hdf5.read_rows(h5[hdf5.IMAGES], ids)
 
 
 def _load_encoder(args, attrs: dict[str, Any]):
-    from rcdm import encoders
-
-    name = args.encoder or attrs.get("encoder")
-    if not name:
-        raise SystemExit("rcdm tradeoff: the features file names no encoder: give --encoder")
-    layer = args.layer or attrs.get("layer") or "trunk"
-    recorded = attrs.get("checkpoint_sha256") or ""
-    if args.encoder_checkpoint and recorded and sha256_file(args.encoder_checkpoint) != recorded:
-        raise SystemExit(
-            f"rcdm tradeoff: {args.encoder_checkpoint} is not the encoder the features came from"
-        )
-    return encoders.load(
-        name, args.encoder_checkpoint, layer, trust=args.trust_checkpoint,
-        input_size=attrs.get("input_size") or None, input_norm=attrs.get("input_norm") or None,
-    )  # fmt: skip
+    return encoders.load_as_extracted(
+        args.encoder, args.encoder_checkpoint, args.layer, features_attrs=attrs, trust=args.trust_checkpoint
+    )
 
 
 def run_tradeoff(args: argparse.Namespace) -> dict[str, Any]:
     """Sample and score every grid setting (reusing finished ones), then write CSV, PNG and JSON."""
-    from rcdm import h5schema
-    from rcdm.checkpoint import load_model
-    from rcdm.sample import FeatureConditioning, load_flags, select_conditionings
-
-    auto = args.device in (None, "auto")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if auto else args.device)
+    device = resolve_device(args.device)
     grid = _parse_grid(args.samplers, args.steps)
     features = Path(args.features)
     if not features.is_file():
         raise FileNotFoundError(f"features file not found: {features}")
     if args.images is not None:
-        h5schema.check_features_file(features, args.images, deep=False)  # rows must pair up
-    flags = load_flags(args.model_flags)
+        hdf5.check_features_file(features, args.images, deep=False)  # rows must pair up
+    flags = read_model_flags(args.model_flags)
     model, diffusion = load_model(args.checkpoint, flags, trust=args.trust_checkpoint, device=device)
     if args.images is not None:
-        size = int(h5schema.check_images_file(args.images, deep=False)["image_size"])
+        size = int(hdf5.check_images_file(args.images, deep=False)["image_size"])
         if size != int(model.image_size):
             raise ValueError(
                 f"the model samples {model.image_size} px images but {args.images} holds {size} px images: "
@@ -248,7 +232,7 @@ def run_tradeoff(args: argparse.Namespace) -> dict[str, Any]:
     cond.close()
     if not torch.isfinite(feats).all():
         raise ValueError(f"{features} holds NaN/inf features among the selected rows")
-    encoder = _load_encoder(args, h5schema.check_features_file(features, deep=False))
+    encoder = _load_encoder(args, hdf5.check_features_file(features, deep=False))
     max_steps = diffusion.base_diffusion().num_timesteps
     if any(n > max_steps for _, n in grid):
         raise ValueError(f"--steps above the model's {max_steps} diffusion steps")
@@ -256,7 +240,7 @@ def run_tradeoff(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     sample_dir = out / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)
-    identity = {"checkpoint_sha256": sha256_file(args.checkpoint), "model_flags": flags,
+    identity = {"model_sha256": sha256_file(args.checkpoint), "model_flags": flags,
                 "features": str(features.resolve()), "num_cond": len(ids), "seed": args.seed}  # fmt: skip
     rows = []
     for sampler, steps in grid:
@@ -330,7 +314,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cuda-graph", action="store_true", help="replay the UNet as a CUDA graph (CUDA only)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto / cuda / cuda:N / cpu")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--out", default="results/tradeoff", help="output directory")
 
 

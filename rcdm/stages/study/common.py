@@ -756,7 +756,7 @@ class StudyContext:
             )
         probe = None
         if getattr(args, "probe", None):
-            from rcdm.studies.probe import load_probe
+            from rcdm.stages.study.probe import load_probe
 
             probe = load_probe(args.probe, device=device)
         noise = fixed_noise(args.seed, max(1, args.samples), size)

@@ -15,7 +15,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from rcdm.studies import common
+from rcdm.stages.study import common
 
 NAME = "interpolate"
 METHODS = ("linear", "spherical")

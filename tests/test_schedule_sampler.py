@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rcdm.timestep_sampler import (
+from rcdm.schedule_sampler import (
     LossSecondMomentSampler,
     UniformSampler,
     create_named_schedule_sampler,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from rcdm.evaluate import COLUMNS
+from rcdm.formats.metrics_csv import find_metrics_files, read_metrics
 from rcdm.io import atomic_path
 
 KEY = ("dataset", "encoder", "layer", "sampler", "steps")
@@ -26,39 +26,6 @@ TABLE_COLUMNS = (
     *KEY, "n_samples", "n_reference", "fid", "is_mean", "is_std", "fd_rep", "mean_rank", "median_rank", "mrr",
     "top1", "top5", "chance_mrr", "precision", "recall", "run_id", "status",
 )  # fmt: skip
-REQUIRED = ("run_id", *KEY, "status")
-
-
-def find_metrics_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """``metrics.csv`` files: given directly, or found recursively under given folders (sorted)."""
-    found: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found.extend(sorted(p.rglob("metrics.csv")))
-        elif p.is_file():
-            found.append(p)
-        else:
-            raise FileNotFoundError(f"metrics input not found: {p}")
-    if not found:
-        raise FileNotFoundError(f"no metrics.csv found under {', '.join(map(str, inputs))}")
-    return found
-
-
-def read_metrics(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
-    """All rows of the given metrics files, one frame with every :data:`COLUMNS` column plus ``source``."""
-    frames = []
-    for p in paths:
-        df = pd.read_csv(p)
-        missing = [c for c in REQUIRED if c not in df.columns]
-        if missing:
-            raise ValueError(
-                f"{p}: not a metrics.csv of `rcdm evaluate` (missing columns {', '.join(missing)})"
-            )
-        df = df.reindex(columns=[*COLUMNS, *[c for c in df.columns if c not in COLUMNS]])
-        df["source"] = str(p)
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True)
 
 
 def _rank(values: pd.Series, order: Sequence[str]) -> pd.Series:

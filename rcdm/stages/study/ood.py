@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from rcdm.studies import common
-from rcdm.studies.conditioned import conditioned_study
+from rcdm.stages.study import common
+from rcdm.stages.study.conditioned import conditioned_study
 
 NAME = "ood"
 TITLE = "Samples conditioned on out-of-distribution images"

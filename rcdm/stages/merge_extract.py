@@ -19,7 +19,7 @@ from typing import Any
 import h5py
 from tqdm import tqdm
 
-from rcdm import h5schema as hs
+from rcdm.formats import hdf5 as hs
 from rcdm.io import atomic_path
 
 log = logging.getLogger(__name__)

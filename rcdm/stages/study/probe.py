@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rcdm.io import atomic_path, safe_torch_load
-from rcdm.studies import common
+from rcdm.stages.study import common
 
 NAME = "probe"
 FORMAT = "rcdm-factor-probe"
