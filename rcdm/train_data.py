@@ -41,6 +41,7 @@ class H5PairDataset(Dataset):
                 raise FileNotFoundError(f"{what} file not found: {path}")
         img_attrs = hdf5.check_images_file(self.images_path, deep=deep_check)
         feat_attrs = hdf5.check_features_file(self.features_path, self.images_path, deep=deep_check)
+        self.images_attrs, self.features_attrs = img_attrs, feat_attrs
         self.num_images = int(img_attrs["num_images"])
         self.image_size = int(img_attrs["image_size"])
         self.feature_dim = int(feat_attrs["dim"])

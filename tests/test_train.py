@@ -134,9 +134,10 @@ def test_resume_is_exact_and_exports_load(tmp_path, pair):
     final = _weights(straight)
     ema_final = straight.ema.params[1]
 
-    cfg = make_cfg(tmp_path / "b", img, feat, steps=10)
+    cfg = make_cfg(tmp_path / "b", img, feat, steps=10, export_interval=10)
     assert Trainer(cfg).train() == 0
-    resumed = Trainer(make_cfg(tmp_path / "b", img, feat))  # new object, same folder: resumes at step 10
+    # new object, same folder, more steps (not part of the run's identity): resumes at step 10
+    resumed = Trainer(make_cfg(tmp_path / "b", img, feat, export_interval=10))
     assert resumed.step == 10 and resumed.resumed_from.name == "ckpt_000010.pt"
     assert resumed.train() == 0
     for k, v in final.items():
@@ -150,6 +151,7 @@ def test_resume_is_exact_and_exports_load(tmp_path, pair):
     ema = torch.load(out / "ema_0.99_final.pt", weights_only=True)
     assert torch.equal(ema["out.2.weight"], resumed.ema.export(resumed.model, 0.99)["out.2.weight"])
     assert (out / "ema_0.9_000020.pt").is_file() and (out / "model_000010.pt").is_file()
+    assert not list((tmp_path / "a" / "run").glob("*_0000*.pt"))  # default: final exports only (disk)
     from rcdm.checkpoint import load_model
     from rcdm.factory import create_model_from_flags
 
@@ -157,7 +159,8 @@ def test_resume_is_exact_and_exports_load(tmp_path, pair):
     plain.load_state_dict(ema, strict=True)
     loaded, diffusion = load_model(out / "ema_0.99_final.pt", flags={**FLAGS, "ssl_dim": 6})
     assert diffusion.num_timesteps == 40
-    from_ckpt, _ = load_model(out / "checkpoints" / "ckpt_000020.pt")  # flags recorded in the checkpoint
+    from_ckpt, _ = load_model(resumed.ckpt_dir / "ckpt_000020.pt")  # flags recorded in the checkpoint
+    assert resumed.ckpt_dir.parent == out / "checkpoints" and resumed.ckpt_dir.name.startswith("run-")
     first_rate = resumed.ema.export(resumed.model, 0.9)
     assert torch.equal(from_ckpt.state_dict()["out.2.weight"], first_rate["out.2.weight"])
     assert json.loads((out / "train_summary.json").read_text())["step"] == 20
@@ -168,7 +171,7 @@ def test_resume_is_exact_and_exports_load(tmp_path, pair):
     # loss = mse + vb, per quartile too (uniform weights)
     r = rows[-1]
     assert abs(float(r["loss"]) - float(r["mse"]) - float(r["vb"])) < 1e-4 * max(1, float(r["loss"]))
-    ckpts = sorted(p.name for p in (out / "checkpoints").glob("ckpt_*.pt"))
+    ckpts = sorted(p.name for p in resumed.ckpt_dir.glob("ckpt_*.pt"))
     assert ckpts == ["ckpt_000010.pt", "ckpt_000020.pt"]
     # rerunning a finished run is a no-op that keeps the outputs
     assert Trainer(make_cfg(tmp_path / "b", img, feat)).train() == 0
@@ -200,7 +203,7 @@ def test_gradient_checkpointing_and_fp16_options(tmp_path, pair):
     assert half.precision == "fp16" and half.scaler.is_enabled()
     assert half.train() == 0
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in half.params)
-    state = torch.load(half.cfg.checkpoint_dir / "ckpt_000002.pt", weights_only=True)
+    state = torch.load(half.ckpt_dir / "ckpt_000002.pt", weights_only=True)
     assert state["scaler"]["scale"] > 0
     init = Trainer(make_cfg(tmp_path / "i", img, feat, model_flags=flags, **kw)).model.state_dict()
     du_plain = torch.cat([(v - init[k]).flatten() for k, v in plain.model.state_dict().items()])
@@ -213,8 +216,9 @@ def test_gradient_checkpointing_and_fp16_options(tmp_path, pair):
 def test_corrupt_newest_checkpoint_is_skipped(tmp_path, pair):
     img, feat, _, _ = pair
     cfg = make_cfg(tmp_path, img, feat, steps=4, save_interval=2, keep=5)
-    Trainer(cfg).train()
-    ckpt_dir = cfg.checkpoint_dir
+    first = Trainer(cfg)
+    first.train()
+    ckpt_dir = first.ckpt_dir
     (ckpt_dir / "ckpt_000004.pt").write_bytes(b"\x80garbage")
     (ckpt_dir / "ckpt_000006.pt").write_bytes((ckpt_dir / "ckpt_000002.pt").read_bytes()[:100])  # truncated
     with pytest.warns(UserWarning, match="skipping checkpoint"):
@@ -239,9 +243,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, pair):
     trainer.train_step = poisoned
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 4"):
         trainer.train()
-    names = sorted(p.name for p in cfg.checkpoint_dir.glob("ckpt_*.pt"))
+    names = sorted(p.name for p in trainer.ckpt_dir.glob("ckpt_*.pt"))
     assert names == ["ckpt_000002.pt"]
-    state = torch.load(cfg.checkpoint_dir / names[0], weights_only=True)
+    state = torch.load(trainer.ckpt_dir / names[0], weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (tmp_path / "run" / "train_summary.json").exists()
 
@@ -264,7 +268,7 @@ def test_signal_saves_and_exits_with_requeue_code(tmp_path, pair, capfd):
     assert threading.current_thread() is threading.main_thread()
     assert trainer.train() == EXIT_PREEMPTED
     assert capfd.readouterr().err.count("received SIGUSR1") == 1  # the worker ignored it
-    assert [p.name for p in cfg.checkpoint_dir.glob("ckpt_*.pt")] == ["ckpt_000003.pt"]
+    assert [p.name for p in trainer.ckpt_dir.glob("ckpt_*.pt")] == ["ckpt_000003.pt"]
     assert not (tmp_path / "run" / "train_summary.json").exists()
     assert signal.getsignal(signal.SIGUSR1) is not trainer._on_signal  # handler restored
 
@@ -309,12 +313,69 @@ def test_bad_configuration_fails_before_compute(tmp_path, pair):
     other_img, other_feat, _, _ = write_pair(tmp_path, n=5, name="other")
     with pytest.raises(hdf5.H5SchemaError, match="does not belong"):
         Trainer(make_cfg(tmp_path, img, other_feat))
-    # resume with another architecture: clear error naming the flag
     Trainer(make_cfg(tmp_path, img, feat, steps=1, save_interval=1)).train()
-    with pytest.raises(TrainConfigError, match="num_channels: 32 vs 64"):
-        Trainer(make_cfg(tmp_path, img, feat, model_flags={**FLAGS, "num_channels": 64}))
-    with pytest.raises(TrainConfigError, match="already holds checkpoints"):
+    with pytest.raises(TrainConfigError, match="already holds checkpoints of this run"):
         Trainer(make_cfg(tmp_path, img, feat, resume="none"))
+
+
+def test_resume_only_with_the_same_inputs_and_settings(tmp_path, pair, capfd):
+    """A checkpoint is resumed only by a run whose data, flags and result-changing settings are its own."""
+    img, feat, _, _ = pair
+    done = Trainer(make_cfg(tmp_path, img, feat, steps=4, save_interval=2))
+    assert done.train() == 0
+    assert "starting at step 0" in capfd.readouterr().err
+    # same everything, more steps: the same run, resumed (and said so)
+    again = Trainer(make_cfg(tmp_path, img, feat, steps=6, save_interval=2, log_interval=3, workers=1))
+    assert again.step == 4 and again.ckpt_dir == done.ckpt_dir
+    again.train()
+    assert f"resuming from {done.ckpt_dir / 'ckpt_000004.pt'} at step 4" in capfd.readouterr().err
+    # a new encoder file (same images, same width): new features -> a new run from step 0, not the old model
+    _, feat2, _, feats2 = write_pair(tmp_path, name="enc2")
+    with h5py.File(feat2, "a") as h5:
+        h5.attrs["encoder_sha256"] = "e" * 64
+        h5.attrs["images_file"] = img.name
+    fresh = Trainer(make_cfg(tmp_path, img, feat2, steps=4, save_interval=2))
+    assert fresh.step == 0 and fresh.ckpt_dir != done.ckpt_dir and fresh.resumed_from is None
+    # a result-changing setting (lr) or flag: a new run; a throughput one (workers, log interval): the same
+    assert Trainer(make_cfg(tmp_path, img, feat, steps=4, lr=3e-4)).step == 0
+    assert (
+        Trainer(make_cfg(tmp_path, img, feat, steps=4, model_flags={**FLAGS, "num_channels": 64})).step == 0
+    )
+    assert Trainer(make_cfg(tmp_path, img, feat, steps=6, workers=2, log_interval=1)).step == 6
+    # the checkpoint records what it was trained on
+    state = torch.load(done.ckpt_dir / "ckpt_000006.pt", weights_only=True)
+    assert state["identity_sha256"] == done.identity_sha256
+    assert state["identity"]["features"]["paths_sha256"] == done.data.features_attrs["paths_sha256"]
+    # a checkpoint copied into another run's folder is refused, naming both identities
+    fresh.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (fresh.ckpt_dir / "ckpt_000008.pt").write_bytes((done.ckpt_dir / "ckpt_000006.pt").read_bytes())
+    with pytest.raises(TrainConfigError, match="belongs to another run"):
+        Trainer(make_cfg(tmp_path, img, feat2, steps=4, save_interval=2))
+
+
+def test_check_only_validates_without_building(tmp_path, pair):
+    img, feat, _, _ = pair
+    checked = Trainer(make_cfg(tmp_path, img, feat), check_only=True)
+    assert checked.resume_plan is None and not hasattr(checked, "model")
+    with pytest.raises(TrainConfigError, match="ssl_dim=7"):
+        Trainer(make_cfg(tmp_path, img, feat, model_flags={**FLAGS, "ssl_dim": 7}), check_only=True)
+
+
+def test_end_time_saves_before_the_limit(tmp_path, pair, capfd):
+    """With an end time (SLURM's, or --end-time) the run saves a margin before it and exits 75."""
+    import time
+
+    img, feat, _, _ = pair
+    cfg = make_cfg(tmp_path, img, feat, steps=10_000, save_interval=10_000, end_time=time.time() + 3.0,
+                   stop_margin=1.0)  # fmt: skip
+    trainer = Trainer(cfg)
+    assert trainer.train() == EXIT_PREEMPTED
+    assert time.time() < cfg.end_time  # stopped before the end, with the save done
+    names = [p.name for p in trainer.ckpt_dir.glob("ckpt_*.pt")]
+    assert names == [f"ckpt_{trainer.step:06d}.pt"] and 0 < trainer.step < 10_000
+    assert "before the job's time limit" in capfd.readouterr().err
+    resumed = Trainer(make_cfg(tmp_path, img, feat, steps=trainer.step + 2))
+    assert resumed.step == trainer.step and resumed.train() == 0
 
 
 def test_model_flags_parsing(tmp_path):

@@ -53,7 +53,8 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
         torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-5)
     ema = torch.load(tmp_path / "two" / "ema_0.9_final.pt", weights_only=True)
     torch.testing.assert_close(ema["out.2.weight"], single.ema.export(single.model, 0.9)["out.2.weight"])
-    ckpt = torch.load(tmp_path / "two" / "checkpoints" / "ckpt_000004.pt", weights_only=True)
+    ckpt_dir = tmp_path / "two" / "checkpoints" / single.ckpt_dir.name  # same run identity for any world size
+    ckpt = torch.load(ckpt_dir / "ckpt_000004.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     torch.testing.assert_close(ckpt["sampler"]["history"], single.sampler.state_dict()["history"])
 

@@ -3,18 +3,30 @@
 One process, torchrun (``torchrun --nproc-per-node 8 -m rcdm train ...``) or srun under SLURM (ranks from
 SLURM_*). Files under ``--out`` (only rank 0 writes):
 
-- ``checkpoints/ckpt_NNNNNN.pt``: resumable state (model, EMA, optimizer, grad scaler, timestep sampler, step,
-  RNG states, configuration), written atomically every ``--save-interval`` steps and on SIGTERM/SIGUSR1; the
-  last ``--keep`` are kept. A restarted run resumes from the newest one that loads (``--resume auto``).
-  Keep this folder out of a workflow's declared outputs (Snakemake deletes those before a job runs).
-- ``model_NNNNNN.pt``, ``ema_<rate>_NNNNNN.pt``: plain state dicts (published naming) at every save.
+- ``checkpoints/run-<identity>/ckpt_NNNNNN.pt``: resumable state (model, EMA, optimizer, grad scaler, timestep
+  sampler, step, RNG states, configuration), written atomically every ``--save-interval`` steps, on
+  SIGTERM/SIGUSR1 and before the job's time limit; the last ``--keep`` are kept. ``<identity>`` is a digest of
+  what determines the weights (:func:`run_identity`: which images, which encoder file and layer, the model
+  flags, the result-changing settings), so a restarted run resumes from the newest checkpoint that loads
+  (``--resume auto``) only if nothing that changes its result changed; otherwise it starts afresh in its own
+  folder, and says which. Keep this folder out of a workflow's declared outputs (Snakemake deletes those).
+- ``model_NNNNNN.pt``, ``ema_<rate>_NNNNNN.pt``: plain state dicts (published naming) every
+  ``--export-interval`` steps (default 0: none; each is as large as the model, 1.7 GB at 128 px).
 - ``ema_<rate>_final.pt`` (per rate), ``model_final.pt`` and, last, ``train_summary.json``: written when the
   run reaches ``--steps`` or its ``--time-budget``; the workflow's output.
 - ``progress.csv``: loss, mse, vb, their per-quartile-of-t means, grad norm, lr, data-wait fraction,
   throughput, every ``--log-interval`` steps. ``train_config.json``: the configuration.
 
-Exit codes: 0 finished (steps or time budget), 75 stopped by a signal after saving (requeue and rerun the same
-command to continue), 1 bad configuration, 3 non-finite loss (the last good checkpoint is kept).
+Time limits: under SLURM the trainer reads its job's end time (``squeue -O EndTime``; or ``--end-time``),
+saves ``--stop-margin`` seconds before it, requeues its own job (``scontrol requeue``: the same job restarts
+later and resumes; no retry is used up) and exits 75. No signal is needed, so no wrapper process (the job's
+Snakemake, bash, torchrun) dies first. SIGTERM (preemption, ``scancel``, requeue) and SIGUSR1 still save and
+exit 75.
+
+Exit codes: 0 finished (steps or time budget), 75 stopped after saving (rerun the same command to continue),
+1 bad configuration or data (permanent: retrying cannot help), 3 non-finite loss (the last good checkpoint is
+kept). ``--check`` runs every configuration and data check, and finds the checkpoint to resume, without
+building the network.
 
 Departures from guided-diffusion's TrainLoop, on purpose: the batch size is global (split over ranks);
 micro-batch losses are averaged (not summed) so the gradient equals the full batch's; timesteps and noise of
@@ -28,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import hashlib
 import json
 import math
 import os
@@ -47,6 +60,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from rcdm.device import resolve_device
 from rcdm.distributed import DistContext, barrier, cleanup, init_distributed
 from rcdm.ema import EMA, rate_tag
 from rcdm.factory import read_model_flags
@@ -95,10 +109,14 @@ class TrainConfig:
     schedule_sampler: str = "uniform"
     save_interval: int = 10000
     keep: int = 3
+    export_interval: int = 0  # plain model/EMA exports every N steps besides the final ones (0: final only)
     log_interval: int = 100
     workers: int = 4
     seed: int = 0
     time_budget: float = 0.0
+    end_time: float = 0.0  # epoch seconds the job must stop by (0: SLURM's end time when under SLURM)
+    stop_margin: float = 180.0  # seconds before end_time to stop, save and requeue
+    requeue: bool = True  # under SLURM, requeue the own job after a save before the time limit
     resume: str = "auto"  # auto | none | PATH
     ckpt_dir: str = ""  # "" = <out>/checkpoints
     random_flip: bool = True
@@ -221,6 +239,84 @@ def flag_differences(
     return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
+#: settings that change the trained weights (besides the model flags and the data): part of a run's identity.
+#: Steps, intervals, workers, device, micro-batching and the number of processes are not: a run may be
+#: continued with more steps, other intervals or another number of GPUs and stays the same run.
+RESULT_SETTINGS = (
+    "batch_size", "lr", "weight_decay", "warmup", "lr_anneal_steps", "grad_clip", "ema_rates",
+    "schedule_sampler", "seed", "random_flip",
+)  # fmt: skip
+IMAGES_IDENTITY = ("paths_sha256", "num_images", "image_size", "dataset", "split")
+FEATURES_IDENTITY = (
+    "paths_sha256", "num_images", "encoder", "layer", "encoder_sha256", "checkpoint_sha256", "dim", "dtype",
+    "input_size", "input_norm",
+)  # fmt: skip
+
+
+def run_identity(
+    cfg: TrainConfig, flags: dict[str, Any], precision: str, images_attrs: dict, features_attrs: dict
+) -> tuple[dict[str, Any], str]:
+    """What determines a run's weights, and its digest: the data (digests recorded by extraction: which
+    images, which encoder file), the model/diffusion flags and the result-changing settings.
+
+    A checkpoint is resumed only by a run of the same identity: each identity has its own checkpoint folder.
+    """
+
+    def pick(attrs: dict, keys: Sequence[str]) -> dict[str, Any]:
+        return {k: _plain(attrs[k]) for k in keys if k in attrs}
+
+    identity = {
+        "images": pick(images_attrs, IMAGES_IDENTITY),
+        "features": pick(features_attrs, FEATURES_IDENTITY),
+        "model_flags": {k: v for k, v in sorted(flags.items()) if k not in RUNTIME_FLAGS},
+        "settings": {k: getattr(cfg, k) for k in RESULT_SETTINGS},
+        "precision": precision,
+    }
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return identity, hashlib.sha256(text.encode()).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """HDF5 attribute values (numpy scalars) as plain JSON types."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def slurm_end_time(environ: dict[str, str] | None = None) -> float | None:
+    """The epoch second at which this SLURM job's time limit ends (``squeue``), or None outside SLURM."""
+    import datetime
+    import subprocess
+
+    env = os.environ if environ is None else environ
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job, "-O", "EndTime"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+        return datetime.datetime.strptime(out, "%Y-%m-%dT%H:%M:%S").timestamp()
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None  # no squeue, an unlimited job ("N/A", "UNLIMITED"): no end time to stop before
+
+
+def requeue_slurm_job(environ: dict[str, str] | None = None) -> bool:
+    """``scontrol requeue`` this job (it restarts later with the same command); False where that fails."""
+    import subprocess
+
+    env = os.environ if environ is None else environ
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return False
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as err:
+        print(f"rcdm train: scontrol requeue {job} failed: {err}", file=sys.stderr)
+        return False
+    if done.returncode:
+        print(f"rcdm train: scontrol requeue {job} failed: {done.stderr.strip()}", file=sys.stderr)
+    return done.returncode == 0
+
+
 class _Autocast:
     """Calls ``model`` under autocast (``dtype`` None: plain fp32)."""
 
@@ -235,11 +331,13 @@ class _Autocast:
 class Trainer:
     """A training run: validates the configuration, builds or resumes the state, runs ``train()``."""
 
-    def __init__(self, cfg: TrainConfig, ctx: DistContext | None = None):
+    def __init__(self, cfg: TrainConfig, ctx: DistContext | None = None, check_only: bool = False):
+        """``check_only``: validate everything (configuration, data, flags, the checkpoint to resume) and
+        stop before building the network (``rcdm train --check``, the workflow's pre-flight)."""
         from rcdm.factory import create_diffusion_from_flags, create_model_from_flags, resolve_flags
 
         self.cfg = cfg
-        self.ctx = ctx or DistContext(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        self.ctx = ctx or DistContext(device=resolve_device("auto"))
         self.device = self.ctx.device
         self._validate_numbers()
         self.data = H5PairDataset(cfg.images, cfg.features, deep_check=cfg.deep_check)
@@ -250,8 +348,15 @@ class Trainer:
         self.microbatch = cfg.microbatch or self.local_batch
         # the data order must have at least one batch per epoch (raises a clear error otherwise)
         StepBatchSampler(self.data.num_images, cfg.batch_size, cfg.seed, world_size=self.ctx.world_size)
+        self.identity, self.identity_sha256 = run_identity(
+            cfg, self.flags, self.precision, self.data.images_attrs, self.data.features_attrs
+        )
+        self.ckpt_dir = cfg.checkpoint_dir / f"run-{self.identity_sha256[:12]}"
 
         resume = self._find_resume()  # before any weights are built: a mismatch is reported for free
+        self.resume_plan = resume[0] if resume is not None else None
+        if check_only:
+            return
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
             torch.use_deterministic_algorithms(True)
@@ -297,6 +402,7 @@ class Trainer:
         self._keys: list[str] | None = None
         self._stop_signal: int | None = None
         self._pending_stop = None
+        self._end_time = 0.0
         self._reset_stats()
 
     # ----------------------------------------------------------------------------------- configuration
@@ -337,17 +443,29 @@ class Trainer:
     def _find_resume(self) -> tuple[Path, dict[str, Any]] | None:
         cfg = self.cfg
         self._init_weights = None
+        legacy = list_checkpoints(cfg.checkpoint_dir)
+        if legacy and self.ctx.is_main:
+            warnings.warn(
+                f"{cfg.checkpoint_dir} holds checkpoints of unknown inputs ({legacy[0].name}, written before "
+                "runs were keyed by their inputs); they are not resumed: delete them",
+                stacklevel=2,
+            )
         if cfg.resume == "none":
-            existing = list_checkpoints(cfg.checkpoint_dir)
+            existing = list_checkpoints(self.ckpt_dir)
             if existing:
                 raise TrainConfigError(
-                    f"--resume none but {cfg.checkpoint_dir} already holds checkpoints ({existing[0].name}); "
-                    "use --resume auto to continue or remove them"
+                    f"--resume none but {self.ckpt_dir} already holds checkpoints of this run "
+                    f"({existing[0].name}); use --resume auto to continue or remove them"
                 )
             return None
         # The newest checkpoint of this run wins even over an explicit path: rerunning the same command after
         # a preemption must continue the run, not restart it from that path.
-        found = find_resume_checkpoint(cfg.checkpoint_dir)
+        found = find_resume_checkpoint(self.ckpt_dir)
+        if found is not None and found[1].get("identity_sha256") != self.identity_sha256:
+            raise TrainConfigError(
+                f"{found[0]} belongs to another run (identity {str(found[1].get('identity_sha256'))[:12]}, "
+                f"this run {self.identity_sha256[:12]}): move it out of {self.ckpt_dir}"
+            )
         if found is None and cfg.resume != "auto":
             path = Path(cfg.resume)
             if not path.is_file():
@@ -501,7 +619,7 @@ class Trainer:
         if bad != _NO_BAD_STEP:
             raise NonFiniteLossError(
                 f"non-finite loss at step {bad + 1} (optimizer step {bad} -> {bad + 1}); training stopped. "
-                f"The last good checkpoint in {self.cfg.checkpoint_dir} is kept. Lower --lr, add "
+                f"The last good checkpoint in {self.ckpt_dir} is kept. Lower --lr, add "
                 "--grad-clip, use --precision fp32/bf16, or check the features for NaN (--deep-check)."
             )
 
@@ -579,6 +697,8 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "model_flags": self.flags,
             "world_size": self.ctx.world_size,
+            "identity": self.identity,
+            "identity_sha256": self.identity_sha256,
             "complete": True,
         }
 
@@ -591,11 +711,12 @@ class Trainer:
             dist.all_gather_object(rngs, rng_state(), group=self.ctx.cpu_group)
         path = None
         if self.ctx.is_main:
-            ckpt_dir = self.cfg.checkpoint_dir
+            ckpt_dir = self.ckpt_dir
             path = ckpt_dir / f"ckpt_{self.step:06d}.pt"
             with atomic_path(path) as tmp:
                 torch.save(self.checkpoint_state(rngs), tmp)
-            self.export(f"{self.step:06d}")
+            if self.cfg.export_interval and self.step % self.cfg.export_interval == 0:
+                self.export(f"{self.step:06d}")
             # prune among checkpoints up to this step: a stray newer file (e.g. corrupt) never evicts ours
             mine = [p for p in list_checkpoints(ckpt_dir) if checkpoint_step(p) <= self.step]
             for old in mine[self.cfg.keep :]:
@@ -624,6 +745,8 @@ class Trainer:
             "files": [p.name for p in files], "model_flags": self.flags,
             "seconds_this_process": time.perf_counter() - started,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "checkpoint_dir": str(self.ckpt_dir), "identity_sha256": self.identity_sha256,
+            "identity": self.identity, "images": self.cfg.images, "features": self.cfg.features,
         }  # fmt: skip
         with atomic_path(Path(self.cfg.out) / "train_summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2, default=str))
@@ -634,12 +757,16 @@ class Trainer:
         print(f"rcdm train: received {signal.Signals(signum).name}; saving after this step", file=sys.stderr)
 
     def _should_stop(self, started: float, steps_done: int) -> int:
-        """0 = go on, 1 = signal, 2 = time budget; agreed by every rank (one step late when distributed)."""
+        """0 = go on, then by priority 1 = signal, 3 = the job's end time is near, 2 = time budget; agreed by
+        every rank (one step late when distributed)."""
         flag = 1 if self._stop_signal is not None else 0
-        if self.cfg.time_budget > 0 and steps_done:
+        if steps_done and not flag:
             elapsed = time.perf_counter() - started
-            if elapsed + 2.0 * elapsed / steps_done > self.cfg.time_budget:
-                flag = max(flag, 2) if flag != 1 else 1
+            per_step = elapsed / steps_done
+            if self._end_time and time.time() + self.cfg.stop_margin + 2.0 * per_step > self._end_time:
+                flag = 3
+            elif self.cfg.time_budget > 0 and elapsed + 2.0 * per_step > self.cfg.time_budget:
+                flag = 2
         if not self.ctx.distributed:
             return flag
         decided = 0
@@ -647,10 +774,29 @@ class Trainer:
             work, tensor = self._pending_stop
             work.wait()
             decided = int(tensor[0])
-        tensor = torch.tensor([flag], dtype=torch.int64)
+        # MAX over ranks of an encoding that keeps the priority: signal > end time > budget
+        tensor = torch.tensor([{0: 0, 2: 1, 3: 2, 1: 3}[flag]], dtype=torch.int64)
         work = dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.ctx.cpu_group, async_op=True)
         self._pending_stop = (work, tensor)
-        return decided
+        return {0: 0, 1: 2, 2: 3, 3: 1}[decided]
+
+    def _announce(self) -> None:
+        """Say which run this is and where it starts: a resume is never silent."""
+        if not self.ctx.is_main:
+            return
+        run = f"run {self.identity_sha256[:12]} ({self.cfg.images}, {self.cfg.features})"
+        if self.resumed_from is not None:
+            print(
+                f"rcdm train: {run}: resuming from {self.resumed_from} at step {self.step}", file=sys.stderr
+            )
+        else:
+            print(f"rcdm train: {run}: starting at step 0; checkpoints in {self.ckpt_dir}", file=sys.stderr)
+        if self._end_time:
+            left = self._end_time - time.time()
+            print(
+                f"rcdm train: the job ends in {left:.0f} s; stopping {self.cfg.stop_margin:.0f} s before it",
+                file=sys.stderr,
+            )
 
     def _loader(self):
         from torch.utils.data import DataLoader
@@ -679,6 +825,8 @@ class Trainer:
             if self.resumed_from is not None:
                 self._truncate_csv()
         started = time.perf_counter()
+        self._end_time = cfg.end_time or slurm_end_time() or 0.0
+        self._announce()
         if cfg.steps and self.step >= cfg.steps:
             self._finish("done", started)
             return 0
@@ -716,7 +864,12 @@ class Trainer:
             if self._pending_stop is not None:
                 self._pending_stop[0].wait()
                 self._pending_stop = None
-        if stop == 1:
+        if stop == 3:
+            print(f"rcdm train: saved at step {self.step} before the job's time limit", file=sys.stderr)
+            barrier(self.ctx)
+            if cfg.requeue and self.ctx.is_main and requeue_slurm_job():
+                print("rcdm train: job requeued; it resumes from this checkpoint", file=sys.stderr)
+        if stop in (1, 3):
             return EXIT_PREEMPTED
         self._finish("time_budget" if stop == 2 else "done", started)
         barrier(self.ctx)
@@ -752,10 +905,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--schedule-sampler", choices=["uniform", "loss-second-moment"], default=d.schedule_sampler)
     a("--save-interval", type=int, default=d.save_interval)
     a("--keep", type=int, default=d.keep, help="resumable checkpoints to keep")
+    a(
+        "--export-interval",
+        type=int,
+        default=d.export_interval,
+        help="also export model_/ema_ state dicts every N steps (0: only the final ones)",
+    )
     a("--log-interval", type=int, default=d.log_interval)
     a("--workers", type=int, default=d.workers, help="DataLoader worker processes")
     a("--seed", type=int, default=d.seed)
     a("--time-budget", type=float, default=d.time_budget, help="stop cleanly (save, export) after SECONDS")
+    a(
+        "--end-time",
+        type=float,
+        default=d.end_time,
+        help="epoch second to stop by (default: SLURM's end time)",
+    )
+    a(
+        "--stop-margin",
+        type=float,
+        default=d.stop_margin,
+        help="save and stop this many seconds before the end time (exit 75)",
+    )
+    a(
+        "--no-requeue",
+        dest="requeue",
+        action="store_false",
+        help="under SLURM, do not requeue after that save",
+    )
+    a("--check", action="store_true", help="validate configuration, data and resume point, then exit")
     a(
         "--resume",
         default=d.resume,
@@ -799,7 +977,11 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     ctx = init_distributed(args.device)
     try:
-        trainer = Trainer(cfg, ctx)
+        trainer = Trainer(cfg, ctx, check_only=args.check)
+        if args.check:
+            where = f"resumes from {trainer.resume_plan}" if trainer.resume_plan else "starts at step 0"
+            print(f"rcdm train: check passed: run {trainer.identity_sha256[:12]} {where}", file=sys.stderr)
+            return 0
         return trainer.train()
     except config_errors as err:
         print(f"rcdm train: error: {err}", file=sys.stderr)
