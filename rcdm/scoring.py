@@ -16,7 +16,7 @@ import hashlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -189,49 +189,98 @@ class _Embedder:
         self.pool.shutdown()
 
 
-def evaluate(
-    samples: str | os.PathLike,
-    *,
-    features: str | os.PathLike | None = None,
-    encoder: torch.nn.Module | None = None,
-    encoder_missing: str = "no encoder given",
-    inception=None,
-    inception_missing: str = "no Inception network given",
-    reference_images: str | os.PathLike | None = None,
-    reference_stats: str | os.PathLike | None = None,
-    n_reference: int | None = None,
-    n_fid: int | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    rank_metric: str = "cosine",
-    with_precision_recall: bool = False,
-    is_splits: int = 10,
-    batch_size: int = 100,
-    workers: int = 4,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-) -> Evaluation:
-    """Compute every metric that the given inputs allow for the samples in ``samples`` (a samples ``.npz``).
+@dataclass
+class EvalSettings:
+    """What :func:`evaluate` scores against and how (every field optional; a metric whose input is missing is
+    left empty, with the ``*_missing`` reason in the status column).
 
     ``inception`` (a :class:`rcdm.inception.FIDInception`) enables FID (against ``reference_stats`` or the
     statistics of ``reference_images``), IS and precision/recall; ``encoder`` (the conditioning encoder)
     enables FD_rep and rank/MRR against ``features`` (or the samples file's own conditioning features).
-    ``*_missing`` explain in the status column why a network is absent. ``n_fid`` limits the Inception
-    metrics (FID, IS, precision/recall) to the first ``n_fid`` samples (the paper: 10,000 for FID/IS, all
-    50,000 for rank/MRR), which also saves those Inception passes.
+    ``n_fid`` limits the Inception metrics (FID, IS, precision/recall) to the first ``n_fid`` samples (the
+    paper: 10,000 for FID/IS, all 50,000 for rank/MRR), which also saves those Inception passes;
+    ``n_reference`` keeps a seeded random subset of the reference images.
     """
-    from tqdm.auto import tqdm
 
-    device = torch.device(device)
-    ev = Evaluation()
+    features: str | os.PathLike | None = None
+    encoder: torch.nn.Module | None = None
+    encoder_missing: str = "no encoder given"
+    inception: Any = None
+    inception_missing: str = "no Inception network given"
+    reference_images: str | os.PathLike | None = None
+    reference_stats: str | os.PathLike | None = None
+    n_reference: int | None = None
+    n_fid: int | None = None
+    cache_dir: str | os.PathLike | None = None
+    rank_metric: str = "cosine"
+    with_precision_recall: bool = False
+    is_splits: int = 10
+    batch_size: int = 100
+    workers: int = 4
+    device: str | torch.device = "cpu"
+    progress: bool = True
+
+
+@dataclass
+class _Streamed:
+    """What the streaming pass keeps: Inception statistics/logits/pool3 rows and encoder statistics/rows."""
+
+    inc_stats: RunningStats | None = None
+    logits: list[torch.Tensor] = field(default_factory=list)
+    pools: list[torch.Tensor] = field(default_factory=list)
+    rep_stats: RunningStats | None = None
+    embs: list[torch.Tensor] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def evaluate(
+    samples: str | os.PathLike, settings: EvalSettings | None = None, **overrides: Any
+) -> Evaluation:
+    """Compute every metric that ``settings`` allow for the samples in ``samples`` (a samples ``.npz``).
+
+    ``overrides`` replace fields of ``settings`` (or of the defaults): ``evaluate(path, encoder=enc)``.
+    Phases: the sample set's description, the conditionings, one streaming pass over the samples
+    (:func:`stream_samples`), then the reference (:func:`reference_for`), FID/IS (:func:`fid_and_is`),
+    precision/recall (:func:`sample_precision_recall`) and faithfulness (:func:`faithfulness`).
+    """
+    s = replace(settings if settings is not None else EvalSettings(), **overrides)
     samples = Path(samples)
+    n = _check_samples(samples)
+    n_inc = n if s.n_fid is None else min(n, int(s.n_fid))
+    meta = read_npz_meta(samples)
+    ev = Evaluation()
+    ev.values.update(describe_sample_set(samples, n, meta))
+    encoder, cond = _conditionings(s, meta, ev)
+    if s.inception is None:
+        ev.status.append(f"fid, is: {s.inception_missing}")
+    else:
+        ev.values["inception_sha256"] = s.inception.weights_sha256
+        ev.values["n_fid"] = n_inc
+    fid_rows = np.arange(n_inc, dtype=np.int64) if s.inception is not None else None
+    streamed = stream_samples(samples, n, s, fid_rows=fid_rows, encoder=encoder)
+    ev.values["seconds_embed"] = streamed.seconds
+    if s.inception is not None:
+        ref = reference_for(s, ev)
+        fid_and_is(ev, s, streamed, ref, n_inc)
+        if s.with_precision_recall and ref is not None and "features" in ref:
+            ev.values.update(sample_precision_recall(ref, streamed, s))
+    if encoder is not None and cond is not None:
+        faithfulness(ev, s, streamed, cond, meta["cond_index"], n)
+    return ev
+
+
+def _check_samples(samples: Path) -> int:
+    """The number of samples in ``samples``; its ``arr_0`` must be uint8 [N, H, W, 3]."""
     shape, dtype = npz_array_shape(samples)
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
         raise ValueError(f"{samples}: arr_0 is {dtype} {shape}, expected uint8 [N, H, W, 3]")
-    n = shape[0]
-    n_inc = n if n_fid is None else min(n, int(n_fid))
-    meta = read_npz_meta(samples)
+    return int(shape[0])
+
+
+def describe_sample_set(samples: Path, n: int, meta: dict[str, Any]) -> dict[str, Any]:
+    """The metrics.csv fields that describe a sample set (from its settings), and the chance level."""
     settings = meta["settings"]
-    ev.values.update(
+    values: dict[str, Any] = dict(
         n_samples=n, sampler=settings.get("sampler"), steps=settings.get("num_steps", settings.get("steps")),
         eta=settings.get("eta"), seed=settings.get("seed"),
         samples_per_image=settings.get("samples_per_image"),
@@ -239,111 +288,151 @@ def evaluate(
         dataset=settings.get("dataset"),
         encoder=settings.get("encoder"), layer=settings.get("layer"), samples_file=str(samples),
     )  # fmt: skip
-
     if meta["cond_index"] is not None:  # the chance level needs only the number of conditionings
-        ev.values["n_cond"] = int(len(np.unique(meta["cond_index"])))
-        ev.values["chance_mrr"] = chance_mrr(ev.values["n_cond"])
+        values["n_cond"] = int(len(np.unique(meta["cond_index"])))
+        values["chance_mrr"] = chance_mrr(values["n_cond"])
+    return values
 
-    # --- conditionings (for FD_rep and rank)
-    cond = None
-    if encoder is None:
-        ev.status.append(f"fd_rep, rank: {encoder_missing}")
-    else:
-        try:
-            cond = conditioning_embeddings(meta, features)
-        except FileNotFoundError as err:
-            ev.status.append(f"fd_rep, rank: {err}")
-            encoder = None
-        if cond is not None and cond[1].shape[1] != int(encoder.dim):
-            raise ValueError(
-                f"the encoder gives {encoder.dim}-d representations but the conditionings ({cond[2]}) are "
-                f"{cond[1].shape[1]}-d: evaluate with the encoder and layer the samples were conditioned on"
-            )
-    if inception is None:
-        ev.status.append(f"fid, is: {inception_missing}")
-    else:
-        ev.values["inception_sha256"] = inception.weights_sha256
-        ev.values["n_fid"] = n_inc
 
-    # --- one streaming pass over the samples
-    inc_stats = RunningStats(2048, device=device) if inception is not None else None
-    rep_stats = RunningStats(int(encoder.dim), device=device) if encoder is not None else None
-    logits, pools, embs = [], [], []
-    embedder = _Embedder(encoder, device, workers) if encoder is not None else None
+def _conditionings(
+    s: EvalSettings, meta: dict[str, Any], ev: Evaluation
+) -> tuple[torch.nn.Module | None, tuple[np.ndarray, np.ndarray, str] | None]:
+    """The encoder to use (None when FD_rep/rank cannot be computed; the reason goes to the status) and the
+    conditionings' representations from :func:`conditioning_embeddings`."""
+    if s.encoder is None:
+        ev.status.append(f"fd_rep, rank: {s.encoder_missing}")
+        return None, None
+    try:
+        cond = conditioning_embeddings(meta, s.features)
+    except FileNotFoundError as err:
+        ev.status.append(f"fd_rep, rank: {err}")
+        return None, None
+    if cond[1].shape[1] != int(s.encoder.dim):
+        raise ValueError(
+            f"the encoder gives {s.encoder.dim}-d representations but the conditionings ({cond[2]}) are "
+            f"{cond[1].shape[1]}-d: evaluate with the encoder and layer the samples were conditioned on"
+        )
+    return s.encoder, cond
+
+
+def stream_samples(
+    samples: Path,
+    n: int,
+    s: EvalSettings,
+    *,
+    fid_rows: np.ndarray | None,
+    encoder: torch.nn.Module | None,
+) -> _Streamed:
+    """One pass over the samples, chunk by chunk: the sorted sample rows ``fid_rows`` through the Inception
+    (pool3 statistics, logits, pool3 rows when precision/recall is asked for), every sample through the
+    conditioning encoder (statistics and rows). Memory: one chunk, plus the kept logits and rows."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(s.device)
+    inception = s.inception if fid_rows is not None else None
+    out = _Streamed()
+    if inception is not None:
+        out.inc_stats = RunningStats(2048, device=device)
+    embedder = None
+    if encoder is not None:
+        out.rep_stats = RunningStats(int(encoder.dim), device=device)
+        embedder = _Embedder(encoder, device, s.workers)
     t0 = time.perf_counter()
+    bar = tqdm(total=n, unit="img", desc=f"evaluate {samples.name}", disable=not s.progress)
     try:
         with torch.inference_mode():
-            bar = tqdm(total=n, unit="img", desc=f"evaluate {samples.name}", disable=not progress)
-            seen = 0
-            for chunk in iter_npz_array(samples, chunk=batch_size):
-                head = chunk[: max(0, n_inc - seen)]
-                seen += len(chunk)
-                if inception is not None and len(head):
-                    pool, logit = inception.embed_uint8(torch.from_numpy(head.copy()))
-                    inc_stats.update(pool)
-                    logits.append(logit.float())
-                    if with_precision_recall:
-                        pools.append(pool.float())
+            lo = 0
+            for chunk in iter_npz_array(samples, chunk=s.batch_size):
+                hi = lo + len(chunk)
+                if inception is not None:
+                    picked = fid_rows[np.searchsorted(fid_rows, lo) : np.searchsorted(fid_rows, hi)] - lo
+                    if len(picked):
+                        pool, logit = inception.embed_uint8(torch.from_numpy(chunk[picked]))
+                        out.inc_stats.update(pool)
+                        out.logits.append(logit.float())
+                        if s.with_precision_recall:
+                            out.pools.append(pool.float())
                 if embedder is not None:
                     emb = embedder(chunk)
-                    rep_stats.update(emb)
-                    embs.append(emb)
+                    out.rep_stats.update(emb)
+                    out.embs.append(emb)
                 bar.update(len(chunk))
-            bar.close()
+                lo = hi
     finally:
+        bar.close()
         if embedder is not None:
             embedder.close()
-    ev.values["seconds_embed"] = time.perf_counter() - t0
+    out.seconds = time.perf_counter() - t0
+    return out
 
-    # --- realism
-    if inception is not None:
-        ref = None
-        if reference_stats is not None and not with_precision_recall:
-            ref = load_reference_stats(reference_stats)
-        elif reference_images is not None:
-            ref = reference_statistics(
-                inception, reference_images, n_reference=n_reference, cache_dir=cache_dir,
-                batch_size=batch_size, with_features=with_precision_recall, progress=progress,
-            )  # fmt: skip
-        elif reference_stats is not None:
-            ref = load_reference_stats(reference_stats)
-            ev.status.append("precision/recall: needs --reference-images (statistics have no features)")
-        else:
-            ev.status.append(
-                "fid: no reference images (--reference-images) or statistics (--reference-stats)"
-            )
-        if ref is not None:
-            if n_inc < 2:
-                ev.status.append("fid: needs at least 2 samples")
-            else:
-                ev.values["fid"] = frechet_distance_stats(
-                    inc_stats, ref["mu"], ref["sigma"], rows2=ref.get("features")
-                )
-            ev.values["n_reference"] = int(ref["n"]) if "n" in ref else None
-            if with_precision_recall and "features" in ref:
-                pr = precision_recall(ref["features"], torch.cat(pools), k=3, device=device)
-                ev.values.update(pr)
-        if n_inc >= is_splits:
-            ev.values["is_mean"], ev.values["is_std"] = inception_score(torch.cat(logits), splits=is_splits)
-        else:
-            ev.status.append(f"is: needs at least {is_splits} samples (splits), got {n_inc}")
 
-    # --- faithfulness
-    if encoder is not None and cond is not None:
-        ids, cond_emb, _ = cond
-        ev.values["n_cond"] = len(ids)
-        ev.values["rank_metric"] = rank_metric
-        if n >= 2 and len(ids) >= 2:
-            cond64 = cond_emb.astype(np.float64)
-            ev.values["fd_rep"] = frechet_distance_stats(
-                rep_stats, cond64.mean(0), np.cov(cond64, rowvar=False), rows2=cond64
-            )
-        else:
-            ev.status.append("fd_rep: needs at least 2 samples and 2 conditionings")
-        sample_to_cond = np.searchsorted(ids, meta["cond_index"])
-        ranks = rank_mrr(
-            torch.cat(embs), torch.from_numpy(cond_emb).to(device), rank_metric,
-            sample_to_cond=sample_to_cond, device=device,
+def reference_for(s: EvalSettings, ev: Evaluation) -> dict[str, np.ndarray] | None:
+    """The FID reference: ``reference_stats`` (unless precision/recall needs features) or the statistics
+    of ``reference_images``; None (and a status note) when neither is given."""
+    if s.reference_stats is not None and not s.with_precision_recall:
+        return load_reference_stats(s.reference_stats)
+    if s.reference_images is not None:
+        return reference_statistics(
+            s.inception, s.reference_images, n_reference=s.n_reference, cache_dir=s.cache_dir,
+            batch_size=s.batch_size, with_features=s.with_precision_recall, progress=s.progress,
         )  # fmt: skip
-        ev.values.update({k: ranks[k] for k in ("mean_rank", "median_rank", "mrr", "top1", "top5")})
-    return ev
+    if s.reference_stats is not None:
+        ev.status.append("precision/recall: needs --reference-images (statistics have no features)")
+        return load_reference_stats(s.reference_stats)
+    ev.status.append("fid: no reference images (--reference-images) or statistics (--reference-stats)")
+    return None
+
+
+def fid_and_is(
+    ev: Evaluation, s: EvalSettings, streamed: _Streamed, ref: dict[str, np.ndarray] | None, n_inc: int
+) -> None:
+    """FID against the reference (when there is one) and IS, from the streamed Inception outputs."""
+    if ref is not None:
+        if n_inc < 2:
+            ev.status.append("fid: needs at least 2 samples")
+        else:
+            ev.values["fid"] = frechet_distance_stats(
+                streamed.inc_stats, ref["mu"], ref["sigma"], rows2=ref.get("features")
+            )
+        ev.values["n_reference"] = int(ref["n"]) if "n" in ref else None
+    if n_inc >= s.is_splits:
+        ev.values["is_mean"], ev.values["is_std"] = inception_score(
+            torch.cat(streamed.logits), splits=s.is_splits
+        )
+    else:
+        ev.status.append(f"is: needs at least {s.is_splits} samples (splits), got {n_inc}")
+
+
+def sample_precision_recall(
+    ref: dict[str, np.ndarray], streamed: _Streamed, s: EvalSettings
+) -> dict[str, float]:
+    """k-NN (k=3) precision and recall of the streamed pool3 rows against the reference's."""
+    return precision_recall(ref["features"], torch.cat(streamed.pools), k=3, device=torch.device(s.device))
+
+
+def faithfulness(
+    ev: Evaluation,
+    s: EvalSettings,
+    streamed: _Streamed,
+    cond: tuple[np.ndarray, np.ndarray, str],
+    cond_index: np.ndarray,
+    n: int,
+) -> None:
+    """FD_rep (samples' representations vs their conditionings') and rank/MRR of each sample's own
+    conditioning among all conditionings used."""
+    device = torch.device(s.device)
+    ids, cond_emb, _ = cond
+    ev.values["n_cond"] = len(ids)
+    ev.values["rank_metric"] = s.rank_metric
+    if n >= 2 and len(ids) >= 2:
+        cond64 = cond_emb.astype(np.float64)
+        ev.values["fd_rep"] = frechet_distance_stats(
+            streamed.rep_stats, cond64.mean(0), np.cov(cond64, rowvar=False), rows2=cond64
+        )
+    else:
+        ev.status.append("fd_rep: needs at least 2 samples and 2 conditionings")
+    ranks = rank_mrr(
+        torch.cat(streamed.embs), torch.from_numpy(cond_emb).to(device), s.rank_metric,
+        sample_to_cond=np.searchsorted(ids, cond_index), device=device,
+    )  # fmt: skip
+    ev.values.update({k: ranks[k] for k in ("mean_rank", "median_rank", "mrr", "top1", "top5")})

@@ -16,7 +16,7 @@ from rcdm.formats import hdf5
 from rcdm.formats.metrics_csv import write_metrics_csv
 from rcdm.formats.npz import read_npz_meta
 from rcdm.inception import InceptionWeightsMissing, load_inception
-from rcdm.scoring import evaluate
+from rcdm.scoring import EvalSettings, evaluate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +72,17 @@ def _load_encoder(args, settings: dict[str, Any]) -> tuple[torch.nn.Module | Non
     return enc, ""
 
 
+def _settings(args, device, encoder, encoder_missing: str, inception, inception_missing: str) -> EvalSettings:
+    return EvalSettings(
+        features=args.features, encoder=encoder, encoder_missing=encoder_missing, inception=inception,
+        inception_missing=inception_missing, reference_images=args.reference_images,
+        reference_stats=args.reference_stats, n_reference=args.n_reference, n_fid=args.n_fid,
+        cache_dir=args.cache_dir or Path(args.out).parent / "cache", rank_metric=args.rank_metric,
+        with_precision_recall=args.precision_recall, is_splits=args.is_splits, batch_size=args.batch_size,
+        workers=args.workers, device=device, progress=not args.no_progress,
+    )  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     settings = read_npz_meta(args.samples)["settings"]
@@ -88,13 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if encoder is None:
         print(f"rcdm evaluate: FD_rep and rank skipped: {encoder_missing}", file=sys.stderr)
     ev = evaluate(
-        args.samples, features=args.features, encoder=encoder, encoder_missing=encoder_missing,
-        inception=inception, inception_missing=inception_missing, reference_images=args.reference_images,
-        reference_stats=args.reference_stats, n_reference=args.n_reference, n_fid=args.n_fid,
-        cache_dir=args.cache_dir or Path(args.out).parent / "cache", rank_metric=args.rank_metric,
-        with_precision_recall=args.precision_recall, is_splits=args.is_splits, batch_size=args.batch_size,
-        workers=args.workers, device=device, progress=not args.no_progress,
-    )  # fmt: skip
+        args.samples, _settings(args, device, encoder, encoder_missing, inception, inception_missing)
+    )
     ev.values["run_id"] = args.run_id or Path(args.samples).resolve().parent.name
     if args.dataset:
         ev.values["dataset"] = args.dataset

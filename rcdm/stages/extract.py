@@ -303,7 +303,9 @@ def run_extraction(
     """Produce the pending outputs of ``job`` in one pass over its slice; return what happened.
 
     ``encoder_factory(layers)`` is called only when features are pending and returns an ``rcdm.encoders``
-    module: ``load(...)`` for one layer, ``load_pair(...)`` for ``["trunk", "head"]``.
+    module: ``load(...)`` for one layer, ``load_pair(...)`` for ``["trunk", "head"]``. Phases: what is
+    still to do (:func:`pending_outputs`), the encoder and the loader, the writers, the encode loop
+    (:func:`_encode_loop`), then the final attributes (:func:`_finish_outputs`) and the renames.
     """
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
@@ -313,133 +315,159 @@ def run_extraction(
     if not todo:
         log.info(
             "extract %s/%s shard %d/%d: every output is already complete",
-            job.dataset,
-            job.split,
-            job.shard,
-            job.num_shards,
-        )
+            job.dataset, job.split, job.shard, job.num_shards,
+        )  # fmt: skip
         return summary
     t0 = time.perf_counter()
     dev = resolve_device(device)
     images_out = next((o for o in todo if o.kind == hs.KIND_IMAGES), None)
     feature_outs = {o.layer: o for o in todo if o.kind == hs.KIND_FEATURES}
-    encoder = None
-    if feature_outs:
-        if encoder_factory is None:
-            raise ValueError("features are pending but no encoder was given")
-        encoder = encoder_factory(sorted(feature_outs, reverse=True)).to(dev).eval()
-        if dev.type == "cuda":
-            encoder = encoder.to(memory_format=torch.channels_last)
-            torch.backends.cudnn.benchmark = True
-        dims = _encoder_dims(encoder)
-        missing = set(feature_outs) - set(dims)
-        if missing:
-            raise ValueError(f"encoder provides layers {sorted(dims)}, not {sorted(missing)}")
-
-    dataset = _CropDataset(
-        job.source,
-        job.start,
-        job.stop,
-        job.image_size if images_out else None,
-        int(encoder.input_size) if encoder is not None else None,
-    )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=dev.type == "cuda",
-        prefetch_factor=4 if workers > 0 else None,
-    )
-    digest = hs.PathsDigest()
+    encoder, dims = _open_encoder(encoder_factory, feature_outs, dev)
+    loader = _loader(job, images_out is not None, encoder, batch_size, workers, dev)
     with contextlib.ExitStack() as stack:
-        files: dict[Path, h5py.File] = {}
-        for out in todo:
-            tmp = stack.enter_context(atomic_path(out.path, suffix=".h5.tmp"))
-            files[out.path] = stack.enter_context(h5py.File(tmp, "w"))
-        img_writer = None
-        if images_out is not None:
-            s = job.image_size
-            specs: dict[str, tuple] = {
-                hs.IMAGES: ((s, s, 3), np.uint8),
-                hs.LABELS: ((), np.int64),
-                hs.PATHS: ((), hs.STR),
-            }
-            specs |= {
-                f"{hs.FACTORS}/{k}": ((), np.dtype(dt)) for k, (dt, _) in job.source.factor_specs.items()
-            }
-            img_writer = hs.ChunkedWriter(files[images_out.path], specs)
-            for k, (_, categories) in job.source.factor_specs.items():
-                if categories is not None:
-                    img_writer.datasets[f"{hs.FACTORS}/{k}"].attrs[hs.CATEGORIES] = np.array(
-                        categories, dtype=hs.STR
-                    )
+        files = {out.path: stack.enter_context(_temporary_h5(out.path)) for out in todo}
+        img_writer = _images_writer(files[images_out.path], job) if images_out is not None else None
         sink = None
         if encoder is not None:
-            writers = {
-                layer: hs.ChunkedWriter(
-                    files[o.path],
-                    {hs.FEATURES: ((2, dims[layer]), hs.FEATURE_DTYPES[job.dtype]), hs.PATHS: ((), hs.STR)},
-                )
-                for layer, o in feature_outs.items()
-            }
+            writers = _feature_writers(files, feature_outs, dims, job.dtype)
             sink = _FeatureSink(encoder, writers, list(feature_outs), job.dtype, dev, autocast)
-
         bar = tqdm(
-            total=job.stop - job.start,
-            unit="img",
-            desc=f"extract {job.dataset}/{job.split}",
-            file=sys.stderr,
-            disable=not progress,
-            smoothing=0.1,
-        )
-        with bar:
-            for batch in loader:
-                for key, reason in batch["bad"]:
-                    if on_bad_image == "error":
-                        raise BadImageError(f"{reason} (on_bad_image=error; use 'skip' to skip such files)")
-                    summary.bad.append(reason if reason.startswith(key) else f"{key}: {reason}")
-                    log.warning("skipping bad image %s", reason)
-                keys = batch["keys"]
-                if keys:
-                    digest.update(keys)
-                    if sink is not None:
-                        sink.submit(batch["enc"], keys)
-                    if img_writer is not None:
-                        arrays = {
-                            hs.IMAGES: batch["image"].numpy(),
-                            hs.LABELS: batch["labels"],
-                            hs.PATHS: keys,
-                        }
-                        arrays |= {f"{hs.FACTORS}/{k}": v for k, v in batch["factors"].items()}
-                        img_writer.append(arrays)
-                    summary.num_images += len(keys)
-                bar.update(batch["n_items"])
-            if sink is not None:
-                sink.flush()
-
-        paths_sha = digest.hexdigest()
+            total=job.stop - job.start, unit="img", desc=f"extract {job.dataset}/{job.split}",
+            file=sys.stderr, disable=not progress, smoothing=0.1,
+        )  # fmt: skip
+        paths_sha = _encode_loop(loader, img_writer, sink, summary, on_bad_image, bar)
         _check_against_images(job, feature_outs, images_out, paths_sha, summary.num_images)
-        for out in todo:
-            h5 = files[out.path]
-            attrs = dict(out.attrs)
-            if out.kind == hs.KIND_FEATURES:
-                attrs |= {
-                    "input_norm": encoder.input_norm,
-                    "input_size": int(encoder.input_size),
-                    "dim": dims[out.layer],
-                }
-            hs.write_strings(h5, hs.BAD_PATHS, summary.bad)
-            hs.set_attrs(
-                h5,
-                attrs
-                | {"num_images": summary.num_images, "paths_sha256": paths_sha, "num_bad": len(summary.bad)},
-            )
-            h5.attrs["complete"] = True
+        _finish_outputs(files, todo, encoder, dims, summary, paths_sha)
     summary.written = [o.path for o in todo]
     summary.seconds = time.perf_counter() - t0
     _log_summary(job, summary)
     return summary
+
+
+def _open_encoder(
+    encoder_factory: Callable[[list[str]], nn.Module] | None,
+    feature_outs: dict[str, Output],
+    dev: torch.device,
+) -> tuple[nn.Module | None, dict[str, int]]:
+    """The encoder for the pending feature layers (None when there are none) and its dim per layer."""
+    if not feature_outs:
+        return None, {}
+    if encoder_factory is None:
+        raise ValueError("features are pending but no encoder was given")
+    encoder = encoder_factory(sorted(feature_outs, reverse=True)).to(dev).eval()
+    if dev.type == "cuda":
+        encoder = encoder.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    dims = _encoder_dims(encoder)
+    missing = set(feature_outs) - set(dims)
+    if missing:
+        raise ValueError(f"encoder provides layers {sorted(dims)}, not {sorted(missing)}")
+    return encoder, dims
+
+
+def _loader(
+    job: ExtractJob, with_images: bool, encoder: nn.Module | None, batch_size: int, workers: int, dev
+) -> torch.utils.data.DataLoader:
+    """DataLoader over the job's slice: each image decoded once, cropped at the sizes the outputs need."""
+    dataset = _CropDataset(
+        job.source, job.start, job.stop, job.image_size if with_images else None,
+        int(encoder.input_size) if encoder is not None else None,
+    )  # fmt: skip
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+        pin_memory=dev.type == "cuda", prefetch_factor=4 if workers > 0 else None,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _temporary_h5(path: Path):
+    """An HDF5 file open for writing under a temporary name; closed, then renamed to ``path`` on a clean
+    exit (:func:`rcdm.io.atomic_path`), removed otherwise."""
+    with atomic_path(path, suffix=".h5.tmp") as tmp, h5py.File(tmp, "w") as h5:
+        yield h5
+
+
+def _images_writer(h5: h5py.File, job: ExtractJob) -> hs.ChunkedWriter:
+    """Writer of the images file's datasets (crops, labels, paths, factors with their categories)."""
+    s = job.image_size
+    specs: dict[str, tuple] = {
+        hs.IMAGES: ((s, s, 3), np.uint8),
+        hs.LABELS: ((), np.int64),
+        hs.PATHS: ((), hs.STR),
+    }
+    specs |= {f"{hs.FACTORS}/{k}": ((), np.dtype(dt)) for k, (dt, _) in job.source.factor_specs.items()}
+    writer = hs.ChunkedWriter(h5, specs)
+    for k, (_, categories) in job.source.factor_specs.items():
+        if categories is not None:
+            writer.datasets[f"{hs.FACTORS}/{k}"].attrs[hs.CATEGORIES] = np.array(categories, dtype=hs.STR)
+    return writer
+
+
+def _feature_writers(
+    files: dict[Path, h5py.File], feature_outs: dict[str, Output], dims: dict[str, int], dtype: str
+) -> dict[str, hs.ChunkedWriter]:
+    """One writer per pending features file: ``features`` [N, 2, D] and ``paths``."""
+    return {
+        layer: hs.ChunkedWriter(
+            files[o.path], {hs.FEATURES: ((2, dims[layer]), hs.FEATURE_DTYPES[dtype]), hs.PATHS: ((), hs.STR)}
+        )
+        for layer, o in feature_outs.items()
+    }
+
+
+def _encode_loop(loader, img_writer, sink, summary: ExtractSummary, on_bad_image: str, bar) -> str:
+    """The pass over the data: bad files recorded (or raised), crops and features appended batch by batch.
+    Returns the digest of the paths written."""
+    digest = hs.PathsDigest()
+    with bar:
+        for batch in loader:
+            _record_bad(batch["bad"], on_bad_image, summary)
+            keys = batch["keys"]
+            if keys:
+                digest.update(keys)
+                if sink is not None:
+                    sink.submit(batch["enc"], keys)
+                if img_writer is not None:
+                    rows = {hs.IMAGES: batch["image"].numpy(), hs.LABELS: batch["labels"], hs.PATHS: keys}
+                    rows |= {f"{hs.FACTORS}/{k}": v for k, v in batch["factors"].items()}
+                    img_writer.append(rows)
+                summary.num_images += len(keys)
+            bar.update(batch["n_items"])
+        if sink is not None:
+            sink.flush()
+    return digest.hexdigest()
+
+
+def _record_bad(bad: list[tuple[str, str]], on_bad_image: str, summary: ExtractSummary) -> None:
+    for key, reason in bad:
+        if on_bad_image == "error":
+            raise BadImageError(f"{reason} (on_bad_image=error; use 'skip' to skip such files)")
+        summary.bad.append(reason if reason.startswith(key) else f"{key}: {reason}")
+        log.warning("skipping bad image %s", reason)
+
+
+def _finish_outputs(
+    files: dict[Path, h5py.File],
+    todo: list[Output],
+    encoder: nn.Module | None,
+    dims: dict[str, int],
+    summary: ExtractSummary,
+    paths_sha: str,
+) -> None:
+    """Final attributes of every output (identity, encoder input, counts, digest), ``complete`` last."""
+    for out in todo:
+        h5 = files[out.path]
+        attrs = dict(out.attrs)
+        if out.kind == hs.KIND_FEATURES:
+            attrs |= {
+                "input_norm": encoder.input_norm,
+                "input_size": int(encoder.input_size),
+                "dim": dims[out.layer],
+            }
+        hs.write_strings(h5, hs.BAD_PATHS, summary.bad)
+        counts = {"num_images": summary.num_images, "paths_sha256": paths_sha, "num_bad": len(summary.bad)}
+        hs.set_attrs(h5, attrs | counts)
+        h5.attrs["complete"] = True
 
 
 def _check_against_images(job, feature_outs, images_out, paths_sha: str, n: int) -> None:

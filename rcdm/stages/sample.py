@@ -75,56 +75,26 @@ def generate_shard(
     ``image_size``; all of it is stored. A complete file with equal settings is left alone (returned as is);
     one with other settings raises :class:`ShardSettingsMismatch` unless ``overwrite``. Returns the path.
     ``cuda_graph`` replays one captured CUDA graph of the model per batch shape (CUDA only).
+    Phases: the finished-shard check (:func:`_is_complete`), the resume point (:func:`_resume_point`), the
+    batch loop (:func:`_sample_batch`, :func:`_write_batch`), then the rename.
     """
     from tqdm.auto import tqdm
 
-    from rcdm.samplers import CudaGraphModel, sample
+    from rcdm.samplers import CudaGraphModel
 
     out_path = Path(out_path)
     device = torch.device(device)
     settings = json.loads(json.dumps(settings, sort_keys=True))  # canonical, JSON-typed
-    k = int(settings["samples_per_image"])
-    size = int(settings["image_size"])
-    if out_path.exists() and not overwrite:
-        existing = read_settings(out_path)
-        if existing != settings:
-            diff = sorted(
-                key for key in set(existing) | set(settings) if existing.get(key) != settings.get(key)
-            )
-            raise ShardSettingsMismatch(
-                f"{out_path} exists with other settings ({', '.join(diff)}); delete it or pass --overwrite"
-            )
-        check_samples_file(out_path)
+    if _is_complete(out_path, settings, overwrite):
         print(f"rcdm sample: {out_path} is complete, skipping", file=sys.stderr)
         return out_path
-
     cond_ids = np.asarray(cond_ids, dtype=np.int64)
-    m = len(cond_ids)
-    n = m * k
+    k = int(settings["samples_per_image"])
+    n = len(cond_ids) * k
     item_cond = np.repeat(cond_ids, k)
-    item_sample = np.tile(np.arange(k, dtype=np.int64), m)
-    with_images = cond.kind == "images"
+    item_sample = np.tile(np.arange(k, dtype=np.int64), len(cond_ids))
     partial = out_path.with_name(out_path.name + ".partial")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    start = 0
-    if partial.exists() and not overwrite:
-        try:
-            if read_settings(partial) == settings:
-                with h5py.File(partial, "r") as h5:
-                    start = int(h5.attrs["done"])
-        except (OSError, KeyError, ValueError):
-            start = 0
-    if start == 0:
-        create_partial(partial, settings, n, m, size, cond.dim, with_images)
-    elif progress:
-        print(f"rcdm sample: resuming {partial} at sample {start} of {n}", file=sys.stderr)
-
-    autocast_dtype = PRECISIONS[precision]
-    amp = (
-        torch.autocast(device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
+    start = _resume_point(partial, settings, n, len(cond_ids), cond, overwrite, progress)
     if cuda_graph and device.type == "cuda":
         model = CudaGraphModel(model)  # captured once per batch shape, replayed for every batch and step
     bar = tqdm(total=n, initial=start, unit="img", desc=f"sample {out_path.name}", disable=not progress)
@@ -135,30 +105,98 @@ def generate_shard(
             uniq, inverse = np.unique(c_idx, return_inverse=True)
             uniq_feat = cond.features(uniq)  # read once: conditions the batch and is stored below
             feat = uniq_feat.to(device)[torch.from_numpy(inverse).to(device)]
-            gens = make_generators(settings["seed"], c_idx, s_idx, device)
-            with torch.inference_mode(), amp:
-                x = sample(
-                    model, diffusion, (hi - lo, 3, size, size), sampler=settings["sampler"],
-                    steps=settings["steps"], eta=settings["eta"], clip_denoised=settings["clip_denoised"],
-                    model_kwargs={"feat": feat}, generators=gens, device=device, cuda_graph=cuda_graph,
-                )  # fmt: skip
-            images = to_uint8(x).cpu().numpy()
-            h5[SAMPLES][lo:hi] = images
-            h5[COND_INDEX][lo:hi] = c_idx
-            h5[SAMPLE_INDEX][lo:hi] = s_idx
-            if with_images:
-                pos = np.searchsorted(cond_ids, uniq)
-                h5[COND_IDS][pos[0] : pos[-1] + 1] = uniq
-                h5[COND_IMAGES][pos[0] : pos[-1] + 1] = cond.cond_images(uniq)
-                h5[COND_FEATURES][pos[0] : pos[-1] + 1] = uniq_feat.cpu().numpy()
-            h5.attrs["done"] = hi
-            h5.flush()
+            images = _sample_batch(
+                model, diffusion, feat, c_idx, s_idx, settings, device, precision, cuda_graph
+            )
+            _write_batch(h5, lo, hi, images, c_idx, s_idx, cond, cond_ids, uniq, uniq_feat)
             bar.update(hi - lo)
         h5.attrs["seconds"] = float(h5.attrs.get("seconds", 0.0)) + time.perf_counter() - t0
         h5.attrs["complete"] = True
     bar.close()
     os.replace(partial, out_path)
     return out_path
+
+
+def _is_complete(out_path: Path, settings: dict[str, Any], overwrite: bool) -> bool:
+    """True when ``out_path`` is a complete shard made with ``settings``; raises
+    :class:`ShardSettingsMismatch` when it exists with other settings (unless ``overwrite``)."""
+    if not out_path.exists() or overwrite:
+        return False
+    existing = read_settings(out_path)
+    if existing != settings:
+        diff = sorted(key for key in set(existing) | set(settings) if existing.get(key) != settings.get(key))
+        raise ShardSettingsMismatch(
+            f"{out_path} exists with other settings ({', '.join(diff)}); delete it or pass --overwrite"
+        )
+    check_samples_file(out_path)
+    return True
+
+
+def _resume_point(
+    partial: Path, settings: dict[str, Any], n: int, m: int, cond, overwrite: bool, progress: bool
+) -> int:
+    """The first sample still to generate: where a ``.partial`` file with equal settings stopped, else 0
+    (a fresh ``.partial`` file is created then)."""
+    start = 0
+    if partial.exists() and not overwrite:
+        try:
+            if read_settings(partial) == settings:
+                with h5py.File(partial, "r") as h5:
+                    start = int(h5.attrs["done"])
+        except (OSError, KeyError, ValueError):
+            start = 0
+    if start == 0:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        create_partial(partial, settings, n, m, int(settings["image_size"]), cond.dim, cond.kind == "images")
+    elif progress:
+        print(f"rcdm sample: resuming {partial} at sample {start} of {n}", file=sys.stderr)
+    return start
+
+
+def _sample_batch(
+    model,
+    diffusion,
+    feat: torch.Tensor,
+    c_idx: np.ndarray,
+    s_idx: np.ndarray,
+    settings: dict[str, Any],
+    device: torch.device,
+    precision: str,
+    cuda_graph: bool,
+) -> np.ndarray:
+    """uint8 [B, S, S, 3] samples conditioned on ``feat``, each from its own seeded noise generator."""
+    from rcdm.samplers import sample
+
+    size = int(settings["image_size"])
+    gens = make_generators(settings["seed"], c_idx, s_idx, device)
+    autocast_dtype = PRECISIONS[precision]
+    amp = (
+        torch.autocast(device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    with torch.inference_mode(), amp:
+        x = sample(
+            model, diffusion, (len(c_idx), 3, size, size), sampler=settings["sampler"],
+            steps=settings["steps"], eta=settings["eta"], clip_denoised=settings["clip_denoised"],
+            model_kwargs={"feat": feat}, generators=gens, device=device, cuda_graph=cuda_graph,
+        )  # fmt: skip
+    return to_uint8(x).cpu().numpy()
+
+
+def _write_batch(h5, lo, hi, images, c_idx, s_idx, cond, cond_ids, uniq, uniq_feat) -> None:
+    """Store one batch in the ``.partial`` file (samples, indices, image conditionings) and flush: the
+    ``done`` attribute advances only after the rows are written."""
+    h5[SAMPLES][lo:hi] = images
+    h5[COND_INDEX][lo:hi] = c_idx
+    h5[SAMPLE_INDEX][lo:hi] = s_idx
+    if cond.kind == "images":
+        pos = np.searchsorted(cond_ids, uniq)
+        h5[COND_IDS][pos[0] : pos[-1] + 1] = uniq
+        h5[COND_IMAGES][pos[0] : pos[-1] + 1] = cond.cond_images(uniq)
+        h5[COND_FEATURES][pos[0] : pos[-1] + 1] = uniq_feat.cpu().numpy()
+    h5.attrs["done"] = hi
+    h5.flush()
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -37,7 +37,7 @@ from rcdm.formats import hdf5
 from rcdm.formats.npz import write_npz
 from rcdm.io import atomic_path, sha256_file
 from rcdm.preprocess import to_uint8
-from rcdm.scoring import evaluate
+from rcdm.scoring import EvalSettings, evaluate
 
 __all__ = ["COLUMNS", "add_arguments", "plot", "recommend", "run", "run_tradeoff"]
 
@@ -181,9 +181,11 @@ def _sample_setting(
 
 
 def _score(npz: Path, features: Path, encoder, args, device) -> dict[str, Any]:
-    ev = evaluate(npz, features=features, encoder=encoder, inception=None,
-                  inception_missing="not used by the trade-off study", batch_size=args.batch_size,
-                  workers=args.workers, device=device, progress=False)  # fmt: skip
+    settings = EvalSettings(
+        features=features, encoder=encoder, inception_missing="not used by the trade-off study",
+        batch_size=args.batch_size, workers=args.workers, device=device, progress=False,
+    )  # fmt: skip
+    ev = evaluate(npz, settings)
     values = ev.values
     missing = [k for k in ("fd_rep", "mrr") if values.get(k) is None]
     if missing:
