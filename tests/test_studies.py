@@ -14,8 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
+from rcdm import probe
 from rcdm.cli import main
-from rcdm.stages.study import adversarial, augment, common, interpolate, manipulate, probe
+from rcdm.formats import hdf5
+from rcdm.representations import cosine_distance, encoder_forward
+from rcdm.stages.study import adversarial, augment, common, interpolate, manipulate
+from rcdm.study_images import factor_names_of, to_unit
 
 SIZE = 16
 N_IMAGES = 6
@@ -69,8 +73,8 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     main(
         ["extract", "--dataset", "shapes", "--split", "val", "--num-images", str(N_IMAGES), "--native-size",
          str(SIZE), "--image-size", str(SIZE), "--images-out", str(paths["images"]), "--encoder", "small",
-         "--checkpoint", str(enc), "--features-out", f"trunk={paths['trunk']}", f"head={paths['head']}",
-         "--workers", "0", "--device", "cpu", "--no-progress"]
+         "--encoder-checkpoint", str(enc), "--features-out", f"trunk={paths['trunk']}",
+         f"head={paths['head']}", "--workers", "0", "--device", "cpu", "--no-progress"]
     )  # fmt: skip
     probe_dir = root / "probe"
     main(
@@ -141,8 +145,7 @@ def test_nearest_neighbours_equal_brute_force(tmp_path):
     assert torch.allclose(sims, torch.gather(full, 1, ref), atol=1e-6)
     # streamed from a features file in blocks: the same answer
     path = tmp_path / "f.h5"
-    with h5py.File(path, "w") as f:
-        f["features"] = torch.stack([db, -db], 1).numpy()
+    hdf5.write_features_file(path, torch.stack([db, -db], 1).numpy())
     s2, i2 = manipulate.nearest_neighbours(q, manipulate.h5_feature_blocks(path, block_size=100), 7)
     assert torch.equal(i2, ref)
     assert torch.allclose(s2, sims, atol=1e-6)
@@ -193,16 +196,16 @@ def test_pgd_stays_in_ball_and_moves_representation(assets):
 
     enc = load("small", assets["enc"], "trunk")
     with h5py.File(assets["images"]) as f:
-        x = common.to_unit(f["images"][:4])
+        x = to_unit(f["images"][:4])
     eps = 4 / 255
-    forward = lambda z: common.encoder_forward(enc, z)  # noqa: E731
+    forward = lambda z: encoder_forward(enc, z)  # noqa: E731
     adv = adversarial.pgd_linf(forward, x, eps, steps=10, generator=torch.Generator().manual_seed(0))
     assert float((adv - x).abs().max()) <= eps + 1e-6
     assert float(adv.min()) >= 0 and float(adv.max()) <= 1
     rnd = adversarial.random_sign(x, eps, torch.Generator().manual_seed(0))
     with torch.no_grad():
         f0, fa, fr = forward(x), forward(adv), forward(rnd)
-    d_adv, d_rnd = common.cosine_distance(fa, f0), common.cosine_distance(fr, f0)
+    d_adv, d_rnd = cosine_distance(fa, f0), cosine_distance(fr, f0)
     assert (d_adv > 0).all() and (d_adv > 2 * d_rnd).all()
     assert not any(p.grad is not None for p in enc.parameters())
 
@@ -214,7 +217,7 @@ def test_probe_learns_factors_above_chance(tmp_path):
     src = ShapesSource("train", 700, seed=0, size=SIZE)
     images = np.stack([center_crop_arr(src.load(i), SIZE) for i in range(len(src))])
     factors = {k: np.asarray([src.factors(i)[k] for i in range(len(src))]) for k in ("kind", "colour", "x")}
-    names = common.factor_names_of(src)
+    names = factor_names_of(src)
     torch.manual_seed(0)
     net, report = probe.train_probe(
         images,
@@ -233,7 +236,7 @@ def test_probe_learns_factors_above_chance(tmp_path):
     # round trip through the weights-only file; keep_fractions on the images themselves = accuracy
     probe.save_probe(net, tmp_path / "p.pt", report)
     loaded = probe.load_probe(tmp_path / "p.pt")
-    x = common.to_unit(images[-140:])
+    x = to_unit(images[-140:])
     pred_a, pred_b = probe.predict(net, x), probe.predict(loaded, x)
     assert all(torch.equal(pred_a[k], pred_b[k]) for k in pred_a)
     keep = probe.keep_fractions(loaded, x[:, None], {k: v[-140:] for k, v in factors.items()})

@@ -6,6 +6,8 @@ of ``x + delta`` and that of ``x``, with ``|delta|_inf <= eps`` in [0, 1] pixel 
 ``x + delta`` kept in [0, 1], from a uniform random start (at delta = 0 the gradient of the distance is zero),
 signed-gradient steps of ``--pgd-step`` (default 2.5 * eps / steps). The cosine distance is scale free, so the
 numbers compare across encoders and layers. A random sign perturbation of the same size is the baseline.
+``x`` is the original's centre crop at the encoder's own input size (what extraction encoded), so no resize
+sits in the gradient path.
 
 Samples from the clean and the perturbed representation share their noise; agreement is measured in pixels
 (mean absolute difference, [0, 1] units), in representation space (cosine similarity of the two samples'
@@ -18,12 +20,16 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from rcdm.figures import as_tiles, labelled_table, resize_tiles
 from rcdm.io import safe_torch_load
+from rcdm.representations import cosine_distance, encoder_forward, relative_l2
 from rcdm.stages.study import common
+from rcdm.study_images import to_unit
 
 NAME = "adversarial"
 
@@ -103,53 +109,90 @@ def run(args: argparse.Namespace) -> int:
     return common.run_once(args, NAME, lambda out: _study(args, out))
 
 
+@dataclass
+class Outcome:
+    """What the attack changed: representations of the clean, attacked and randomly perturbed inputs, the
+    samples of the clean and attacked ones (same noise) and their representations, and their agreement."""
+
+    f_clean: torch.Tensor
+    f_adv: torch.Tensor
+    f_rnd: torch.Tensor
+    s_clean: torch.Tensor
+    s_adv: torch.Tensor
+    e_clean: torch.Tensor
+    e_adv: torch.Tensor
+    probe_agree: dict[str, torch.Tensor] | None = None
+    classes: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 def _study(args: argparse.Namespace, out: common.StudyOutput) -> list:
     ctx = common.StudyContext.from_args(args)
-    src, k, enc = ctx.sources, args.samples, ctx.encoder
-    classifier = None
-    if args.classifier:
-        if enc.layer != "trunk":
-            raise ValueError("--classifier applies to trunk representations: use --layer trunk")
-        classifier = load_linear_classifier(args.classifier, int(enc.dim)).to(ctx.device)
+    classifier = _classifier(args, ctx)
+    x = to_unit(ctx.sources.enc).to(ctx.device)  # each original's crop at the encoder's input size
+    adv, rnd = attack_inputs(ctx.encoder, x, args.eps, args.pgd_steps, args.pgd_step, args.seed)
+    res = measure(ctx, x, adv, rnd, args.samples, classifier)
+    rows = _rows(args, ctx, x, adv, res)
+    out.save_png(_figure(args, ctx, x, adv, res, rows))
+    out.save_csv(rows)
+    return []
 
-    x = common.to_unit(src.enc).to(ctx.device)
-    gen = torch.Generator().manual_seed(args.seed)
+
+def _classifier(args: argparse.Namespace, ctx: common.StudyContext) -> torch.nn.Linear | None:
+    if not args.classifier:
+        return None
+    if ctx.encoder.layer != "trunk":
+        raise ValueError("--classifier applies to trunk representations: use --layer trunk")
+    return load_linear_classifier(args.classifier, int(ctx.encoder.dim)).to(ctx.device)
+
+
+def attack_inputs(
+    encoder, x: torch.Tensor, eps: float, steps: int, step_size: float | None, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(PGD-attacked, randomly perturbed) copies of encoder-size inputs ``x`` in [0, 1], one image at a time,
+    from one generator seeded by ``seed``; the attack differentiates the encoder at its own resolution."""
+    gen = torch.Generator().manual_seed(seed)
     adv = torch.cat(
         [
             pgd_linf(
-                lambda z: common.encoder_forward(enc, z),
-                x[i : i + 1],
-                args.eps,
-                args.pgd_steps,
-                args.pgd_step,
-                generator=gen,
-            )  # fmt: skip
+                lambda z: encoder_forward(encoder, z), x[i : i + 1], eps, steps, step_size, generator=gen
+            )
             for i in range(len(x))
         ]
     )
-    rnd = random_sign(x, args.eps, gen)
-    f_clean, f_adv, f_rnd = ctx.embed_unit(x), ctx.embed_unit(adv), ctx.embed_unit(rnd)
+    return adv, random_sign(x, eps, gen)
 
-    n = len(src)
+
+def measure(ctx: common.StudyContext, x, adv, rnd, k: int, classifier=None) -> Outcome:
+    """Representations of the three inputs, ``k`` samples from the clean and the attacked one, and what
+    the probe and the classifier say about them."""
+    f_clean, f_adv, f_rnd = ctx.embed_inputs(x), ctx.embed_inputs(adv), ctx.embed_inputs(rnd)
+    n = len(x)
     samples = ctx.repeat_samples(torch.cat([f_clean, f_adv]), k, desc="adversarial")
     s_clean, s_adv = samples[: n * k], samples[n * k :]
-    e_clean, e_adv = ctx.embed_samples(s_clean), ctx.embed_samples(s_adv)
-    pix_diff = ((s_clean - s_adv).abs() / 2).flatten(1).mean(1).view(n, k)
-    rep_agree = F.cosine_similarity(e_clean, e_adv, dim=-1).view(n, k)
-
-    probe_agree = None
+    res = Outcome(f_clean, f_adv, f_rnd, s_clean, s_adv, ctx.embed_samples(s_clean), ctx.embed_samples(s_adv))
     if ctx.probe is not None:
-        from rcdm.stages.study.probe import agreement
+        from rcdm.probe import agreement
 
-        probe_agree = agreement(ctx.probe, (s_clean + 1) / 2, (s_adv + 1) / 2)
-    cls = {}
+        res.probe_agree = agreement(ctx.probe, (s_clean + 1) / 2, (s_adv + 1) / 2)
     if classifier is not None:
         with torch.inference_mode():
-            for key, feats in (("clean", f_clean), ("adv", f_adv), ("s_clean", e_clean), ("s_adv", e_adv)):
-                cls[key] = classifier(feats.to(ctx.device)).argmax(1).cpu()
+            for key, feats in (
+                ("clean", f_clean),
+                ("adv", f_adv),
+                ("s_clean", res.e_clean),
+                ("s_adv", res.e_adv),
+            ):
+                res.classes[key] = classifier(feats.to(ctx.device)).argmax(1).cpu()
+    return res
 
+
+def _rows(args: argparse.Namespace, ctx: common.StudyContext, x, adv, res: Outcome) -> list[dict]:
+    src, enc, k = ctx.sources, ctx.encoder, args.samples
+    pix_diff = ((res.s_clean - res.s_adv).abs() / 2).flatten(1).mean(1).view(len(x), k)
+    rep_agree = F.cosine_similarity(res.e_clean, res.e_adv, dim=-1).view(len(x), k)
     rows = []
-    for i in range(n):
+    for i in range(len(x)):
+        b = slice(i * k, (i + 1) * k)
         row = {
             "image": src.names[i],
             "encoder": enc.encoder_name,
@@ -157,46 +200,39 @@ def _study(args: argparse.Namespace, out: common.StudyOutput) -> list:
             "eps": args.eps,
             "pgd_steps": args.pgd_steps,
             "linf": float((adv[i] - x[i]).abs().max()),
-            "rep_cos_dist_adv": float(common.cosine_distance(f_adv[i], f_clean[i])),
-            "rep_rel_l2_adv": float(common.relative_l2(f_adv[i], f_clean[i])),
-            "rep_cos_dist_random": float(common.cosine_distance(f_rnd[i], f_clean[i])),
+            "rep_cos_dist_adv": float(cosine_distance(res.f_adv[i], res.f_clean[i])),
+            "rep_rel_l2_adv": float(relative_l2(res.f_adv[i], res.f_clean[i])),
+            "rep_cos_dist_random": float(cosine_distance(res.f_rnd[i], res.f_clean[i])),
             "sample_pixel_l1": float(pix_diff[i].mean()),
             "sample_rep_cos_sim": float(rep_agree[i].mean()),
-            "sample_cos_dist_clean_rep": float(
-                common.cosine_distance(e_clean[i * k : (i + 1) * k], f_clean[i]).mean()
-            ),
-            "sample_cos_dist_adv_rep": float(
-                common.cosine_distance(e_adv[i * k : (i + 1) * k], f_clean[i]).mean()
-            ),
+            "sample_cos_dist_clean_rep": float(cosine_distance(res.e_clean[b], res.f_clean[i]).mean()),
+            "sample_cos_dist_adv_rep": float(cosine_distance(res.e_adv[b], res.f_clean[i]).mean()),
         }
-        if probe_agree is not None:
-            for name, agree in probe_agree.items():
-                row[f"probe_agree_{name}"] = float(agree[i * k : (i + 1) * k].float().mean())
-        if cls:
+        for name, agree in (res.probe_agree or {}).items():
+            row[f"probe_agree_{name}"] = float(agree[b].float().mean())
+        if res.classes:
+            cls = res.classes
             row["class_clean"] = int(cls["clean"][i])
             row["class_adv"] = int(cls["adv"][i])
             row["class_changed"] = int(cls["clean"][i] != cls["adv"][i])
-            same = cls["s_clean"][i * k : (i + 1) * k] == cls["s_adv"][i * k : (i + 1) * k]
-            row["sample_class_agree"] = float(same.float().mean())
+            row["sample_class_agree"] = float((cls["s_clean"][b] == cls["s_adv"][b]).float().mean())
         rows.append(row)
+    return rows
 
-    show_clean = src.show
-    show_adv = common.to_uint8(common.resize(adv.cpu(), show_clean.shape[1]), low=0.0)
-    delta_vis = common.to_uint8(
-        common.resize(
-            (0.5 + (adv - x).cpu() * (0.5 / max(args.eps, 1e-12))).clamp(0, 1), show_clean.shape[1]
-        ),
-        low=0.0,
-    )
-    img_clean, img_adv = common.to_uint8(s_clean), common.to_uint8(s_adv)
+
+def _figure(args: argparse.Namespace, ctx: common.StudyContext, x, adv, res: Outcome, rows: list[dict]):
+    src, k = ctx.sources, args.samples
+    size = src.show.shape[1]
+    show_adv = resize_tiles(as_tiles(adv.cpu(), low=0.0), size)
+    delta = (0.5 + (adv - x).cpu() * (0.5 / max(args.eps, 1e-12))).clamp(0, 1)
+    delta_vis = resize_tiles(as_tiles(delta, low=0.0), size)
+    img_clean, img_adv = as_tiles(res.s_clean), as_tiles(res.s_adv)
     fig_rows, labels = [], []
-    for i in range(n):
-        fig_rows.append([show_clean[i], None, *img_clean[i * k : (i + 1) * k]])
+    for i in range(len(src)):
+        fig_rows.append([src.show[i], None, *img_clean[i * k : (i + 1) * k]])
         labels.append(f"{src.names[i]} clean")
         fig_rows.append([show_adv[i], delta_vis[i], *img_adv[i * k : (i + 1) * k]])
         labels.append(f"{src.names[i]} PGD\ncos dist {rows[i]['rep_cos_dist_adv']:.3f}")
     cols = ["input", "delta\n(x 0.5/eps)", *[f"sample {j + 1}" for j in range(k)]]
     title = f"Adversarial (L-inf eps={args.eps * 255:.1f}/255, {args.pgd_steps} PGD steps; {ctx.describe()})"
-    out.save_png(common.labelled_table(fig_rows, labels, cols, title))
-    out.save_csv(rows)
-    return []
+    return labelled_table(fig_rows, labels, cols, title)

@@ -12,6 +12,9 @@ strongest setting of the usual SimCLR/BYOL/DINO recipes), deterministically from
 - ``solarize``: invert pixels above ``1 - s / 2`` (s = 1: the usual threshold 0.5);
 - ``flip``: horizontal flip (strength ignored: only s = 1 is run).
 
+The augmentations act on each original's centre crop at the encoder's input size (what extraction encoded),
+and the result goes to the encoder as it is, with no resize.
+
 Numbers per image, augmentation and strength: representation distance to the clean image's (cosine distance
 and relative L2), the samples' mean cosine distance to the clean representation, the pixel spread of the
 samples, and with ``--probe`` on ``shapes`` the fraction of samples whose predicted factor equals the clean
@@ -26,7 +29,10 @@ import math
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from rcdm.figures import as_tiles, labelled_table, resize_tiles
+from rcdm.representations import cosine_distance, relative_l2, spread
 from rcdm.stages.study import common
+from rcdm.study_images import to_unit
 
 NAME = "augment"
 AUGMENTATIONS = ("crop", "jitter", "grayscale", "blur", "solarize", "flip")
@@ -103,25 +109,32 @@ def run(args: argparse.Namespace) -> int:
 def _study(args: argparse.Namespace, out: common.StudyOutput) -> list:
     conditions = [("none", 0.0), *_parse(args)]
     ctx = common.StudyContext.from_args(args)
-    src, k = ctx.sources, args.samples
-    n, c = len(src), len(conditions)
-    x = common.to_unit(src.enc)
-    gen = torch.Generator().manual_seed(args.seed)
-    views = torch.stack(
-        [x if a == "none" else augment(x, a, s, gen) for a, s in conditions], 1
-    )  # [n, c, ...]
-    feats = ctx.embed_unit(views.flatten(0, 1)).view(n, c, -1)
-    samples = ctx.repeat_samples(feats.flatten(0, 1), k, desc="augmentations")  # [(n c k), 3, S, S]
-    emb = ctx.embed_samples(samples).view(n, c, k, -1)
-    size = src.show.shape[1]
-    imgs = common.to_uint8(samples).reshape(n, c, k, size, size, 3)
+    views = augmented_views(to_unit(ctx.sources.enc), conditions, args.seed)  # [n, c, 3, E, E]
+    n, c = views.shape[:2]
+    feats = ctx.embed_inputs(views.flatten(0, 1)).view(n, c, -1)
+    samples = ctx.repeat_samples(feats.flatten(0, 1), args.samples, desc="augmentations")  # [(n c k), ...]
+    rows = _rows(ctx, conditions, feats, samples, args.samples)
+    out.save_png(_figure(ctx, conditions, views, samples, rows, args.samples))
+    out.save_csv(rows)
+    return []
 
+
+def augmented_views(x: torch.Tensor, conditions: list[tuple[str, float]], seed: int) -> torch.Tensor:
+    """Images [n, 3, E, E] in [0, 1] under each (augmentation, strength): [n, c, 3, E, E], seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([x if a == "none" else augment(x, a, s, gen) for a, s in conditions], 1)
+
+
+def _rows(ctx: common.StudyContext, conditions, feats: torch.Tensor, samples: torch.Tensor, k: int) -> list:
+    """Per image and condition: distances to the clean representation, sample spread, kept factors."""
+    src = ctx.sources
+    n, c = feats.shape[:2]
+    emb = ctx.embed_samples(samples).view(n, c, k, -1)
     keep = None
     if ctx.probe is not None and src.factors:
-        from rcdm.stages.study.probe import keep_fractions
+        from rcdm.probe import keep_fractions
 
         keep = keep_fractions(ctx.probe, (samples.view(n, c * k, *samples.shape[1:]) + 1) / 2, src.factors)
-
     rows = []
     for i in range(n):
         clean = feats[i, 0]
@@ -132,17 +145,24 @@ def _study(args: argparse.Namespace, out: common.StudyOutput) -> list:
                 "layer": ctx.encoder.layer,
                 "augmentation": aug,
                 "strength": s,
-                "rep_cos_dist": float(common.cosine_distance(feats[i, a], clean)),
-                "rep_rel_l2": float(common.relative_l2(feats[i, a], clean)),
-                "sample_cos_dist_clean_rep": float(common.cosine_distance(emb[i, a], clean).mean()),
-                "sample_pixel_spread": common.spread((samples.view(n, c, k, -1)[i, a] + 1) / 2),
+                "rep_cos_dist": float(cosine_distance(feats[i, a], clean)),
+                "rep_rel_l2": float(relative_l2(feats[i, a], clean)),
+                "sample_cos_dist_clean_rep": float(cosine_distance(emb[i, a], clean).mean()),
+                "sample_pixel_spread": spread((samples.view(n, c, k, -1)[i, a] + 1) / 2),
             }
             if keep is not None:
                 for name, frac in keep.items():
                     row[f"keep_{name}"] = float(frac[i, a * k : (a + 1) * k].float().mean())
             rows.append(row)
+    return rows
 
-    shown = common.to_uint8(common.resize(views.flatten(0, 1), size), low=0.0).reshape(n, c, size, size, 3)
+
+def _figure(ctx: common.StudyContext, conditions, views, samples, rows: list[dict], k: int):
+    src = ctx.sources
+    n, c = views.shape[:2]
+    size = src.show.shape[1]
+    imgs = as_tiles(samples).reshape(n, c, k, size, size, 3)
+    shown = resize_tiles(as_tiles(views.flatten(0, 1), low=0.0), size).reshape(n, c, size, size, 3)
     fig_rows, labels = [], []
     for i in range(n):
         for a, (aug, s) in enumerate(conditions):
@@ -153,6 +173,4 @@ def _study(args: argparse.Namespace, out: common.StudyOutput) -> list:
             )
     cols = ["input", *[f"sample {j + 1}" for j in range(k)]]
     title = f"Augmentations ({ctx.describe()}), same noise per column"
-    out.save_png(common.labelled_table(fig_rows, labels, cols, title))
-    out.save_csv(rows)
-    return []
+    return labelled_table(fig_rows, labels, cols, title)

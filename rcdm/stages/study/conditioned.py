@@ -12,6 +12,8 @@ import argparse
 
 import torch
 
+from rcdm.figures import as_tiles, labelled_table
+from rcdm.representations import cosine_distance, direction_spread, spread
 from rcdm.stages.study import common
 
 NAME = "conditioned"
@@ -28,28 +30,33 @@ def run(args: argparse.Namespace) -> int:
 
 def conditioned_study(args: argparse.Namespace, out: common.StudyOutput, title: str) -> list:
     """Shared by ``conditioned`` and ``ood``: figure rows of image + samples, CSV rows per sample."""
+    ctx = common.StudyContext.from_args(args)
+    feats = ctx.clean_features()
+    samples = ctx.repeat_samples(feats, args.samples, desc=out.name)
+    out.save_png(_figure(ctx, samples, args.samples, title))
+    out.save_csv(_rows(ctx, feats, samples, args.samples))
+    return []
+
+
+def _rows(ctx: common.StudyContext, feats: torch.Tensor, samples: torch.Tensor, k: int) -> list[dict]:
+    """Per sample: distance and rank to its conditioning, its image's spreads, kept factors (``--probe``)."""
     from rcdm.metrics import rank_mrr
 
-    ctx = common.StudyContext.from_args(args)
-    src, k = ctx.sources, args.samples
-    n = len(src)
-    feats = ctx.clean_features()
-    samples = ctx.repeat_samples(feats, k, desc=out.name)
+    src, n = ctx.sources, len(ctx.sources)
     emb = ctx.embed_samples(samples)
     owner = torch.arange(n).repeat_interleave(k)
     ranks = rank_mrr(emb, feats, "cosine", sample_to_cond=owner, return_ranks=True)["ranks"]
-    cos = common.cosine_distance(emb, feats[owner])
+    cos = cosine_distance(emb, feats[owner])
     keep = None
     if ctx.probe is not None and src.factors:
-        from rcdm.stages.study.probe import keep_fractions
+        from rcdm.probe import keep_fractions
 
         keep = keep_fractions(ctx.probe, ((samples + 1) / 2).view(n, k, *samples.shape[1:]), src.factors)
-
     rows = []
     for i in range(n):
         block = slice(i * k, (i + 1) * k)
-        pix = common.spread((samples[block] + 1) / 2)
-        rep = common.direction_spread(emb[block])
+        pix = spread((samples[block] + 1) / 2)
+        rep = direction_spread(emb[block])
         for j in range(k):
             r = i * k + j
             row = {
@@ -68,13 +75,15 @@ def conditioned_study(args: argparse.Namespace, out: common.StudyOutput, title: 
                 for name, hit in keep.items():
                     row[f"keep_{name}"] = int(hit[i, j])
             rows.append(row)
+    return rows
 
-    imgs = common.to_uint8(samples)
+
+def _figure(ctx: common.StudyContext, samples: torch.Tensor, k: int, title: str):
+    src, n = ctx.sources, len(ctx.sources)
+    imgs = as_tiles(samples)
     fig_rows = [[src.show[i], *imgs[i * k : (i + 1) * k]] for i in range(n)]
     labels = [
         src.names[i] + (f"\nlabel {int(src.labels[i])}" if src.labels[i] >= 0 else "") for i in range(n)
     ]
     cols = ["input", *[f"sample {j + 1}" for j in range(k)]]
-    out.save_png(common.labelled_table(fig_rows, labels, cols, f"{title} ({ctx.describe()})"))
-    out.save_csv(rows)
-    return []
+    return labelled_table(fig_rows, labels, cols, f"{title} ({ctx.describe()})")

@@ -15,6 +15,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from rcdm.figures import as_tiles, labelled_table
+from rcdm.representations import cosine_distance
 from rcdm.stages.study import common
 
 NAME = "interpolate"
@@ -107,19 +109,23 @@ def _study(args: argparse.Namespace, out: common.StudyOutput) -> list:
     if args.steps_between < 2:
         raise ValueError(f"--steps-between must be at least 2, got {args.steps_between}")
     ctx = common.StudyContext.from_args(args)
-    src = ctx.sources
     feats = ctx.clean_features()
-    pairs = common.parse_pairs(args.pairs, len(src))
+    pairs = common.parse_pairs(args.pairs, len(ctx.sources))
     t = torch.linspace(0, 1, args.steps_between)
-    k = args.samples
-    conds_t, samples, meta = interpolation_samples(ctx, feats, pairs, methods, t, k)
-    emb = ctx.embed_samples(samples)
-    imgs = common.to_uint8(samples)
+    conds_t, samples, meta = interpolation_samples(ctx, feats, pairs, methods, t, args.samples)
+    out.save_png(_figure(ctx, pairs, methods, t, samples, args.samples))
+    out.save_csv(_rows(ctx, feats, t, conds_t, samples, meta))
+    return []
 
-    rows_csv, fig_rows, labels = [], [], []
+
+def _rows(ctx: common.StudyContext, feats, t, conds_t, samples, meta) -> list[dict]:
+    """Per sample: distances of its conditioning and of its representation to both ends."""
+    src = ctx.sources
+    emb = ctx.embed_samples(samples)
+    rows = []
     for r, (p, i, j, m, s, n) in enumerate(meta):
         a, b = feats[i], feats[j]
-        rows_csv.append(
+        rows.append(
             {
                 "pair": p,
                 "image_a": src.names[i],
@@ -127,14 +133,21 @@ def _study(args: argparse.Namespace, out: common.StudyOutput) -> list:
                 "method": m,
                 "t": float(t[s]),
                 "sample": n,
-                "cond_cos_dist_a": float(common.cosine_distance(conds_t[r], a)),
-                "cond_cos_dist_b": float(common.cosine_distance(conds_t[r], b)),
+                "cond_cos_dist_a": float(cosine_distance(conds_t[r], a)),
+                "cond_cos_dist_b": float(cosine_distance(conds_t[r], b)),
                 "cond_norm": float(conds_t[r].norm()),
-                "sample_cos_dist_a": float(common.cosine_distance(emb[r], a.to(emb))),
-                "sample_cos_dist_b": float(common.cosine_distance(emb[r], b.to(emb))),
+                "sample_cos_dist_a": float(cosine_distance(emb[r], a.to(emb))),
+                "sample_cos_dist_b": float(cosine_distance(emb[r], b.to(emb))),
             }
         )
+    return rows
+
+
+def _figure(ctx: common.StudyContext, pairs, methods, t, samples, k: int):
+    src = ctx.sources
+    imgs = as_tiles(samples)
     per = len(t) * k
+    fig_rows, labels = [], []
     for p, (i, j) in enumerate(pairs):
         for mi, m in enumerate(methods):
             base = (p * len(methods) + mi) * per
@@ -144,6 +157,4 @@ def _study(args: argparse.Namespace, out: common.StudyOutput) -> list:
                 labels.append(f"{src.names[i]}->{src.names[j]}\n{m}" + (f" #{n}" if k > 1 else ""))
     cols = ["A", *[f"t={float(v):.2f}" for v in t], "B"]
     title = f"Interpolation ({ctx.describe()}), same noise along each row"
-    out.save_png(common.labelled_table(fig_rows, labels, cols, title))
-    out.save_csv(rows_csv)
-    return []
+    return labelled_table(fig_rows, labels, cols, title)

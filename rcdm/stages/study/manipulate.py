@@ -19,14 +19,19 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rcdm.figures import as_tiles, labelled_table
+from rcdm.formats import hdf5
+from rcdm.representations import cosine_distance, encode_images
 from rcdm.stages.study import common
 
 NAME = "manipulate"
 FAISS_MIN_SIZE = 200_000
+VARIANTS = ("original", "shared dims zeroed", "shared dims <- target")
 
 
 def nearest_neighbours(
@@ -102,8 +107,9 @@ def manipulate(
 def h5_feature_blocks(path: str | Path, block_size: int = 65536) -> Iterator[torch.Tensor]:
     """Stream ``features[:, 0]`` (the un-mirrored images) of a features file in blocks."""
     path = Path(path)
-    with common.open_h5(path, "neighbour features file") as f:
-        ds = common.features_dataset(f, path)
+    hdf5.check_features_file(path, deep=False)
+    with h5py.File(path, "r") as f:
+        ds = f[hdf5.FEATURES]
         for i in range(0, ds.shape[0], block_size):
             block = torch.from_numpy(np.asarray(ds[i : i + block_size, 0], dtype=np.float32))
             if not torch.isfinite(block).all():
@@ -113,13 +119,10 @@ def h5_feature_blocks(path: str | Path, block_size: int = 65536) -> Iterator[tor
             yield block
 
 
-def read_rows(path: str | Path, rows: torch.Tensor) -> torch.Tensor:
+def feature_rows(path: str | Path, rows: torch.Tensor | np.ndarray) -> torch.Tensor:
     """``features[rows, 0]`` of a features file as float32 [len(rows), D]."""
-    import h5py
-
     with h5py.File(path, "r") as f:
-        ds = f["features"]
-        return torch.from_numpy(np.stack([np.asarray(ds[int(r), 0], dtype=np.float32) for r in rows]))
+        return torch.from_numpy(hdf5.read_rows(f[hdf5.FEATURES], np.asarray(rows))[:, 0].astype(np.float32))
 
 
 def encode_folder(ctx: common.StudyContext, folder: str) -> torch.Tensor:
@@ -135,7 +138,7 @@ def encode_folder(ctx: common.StudyContext, folder: str) -> torch.Tensor:
     for i in tqdm(range(len(source)), desc="encoding neighbours", disable=not ctx.settings.progress):
         batch.append(center_crop_arr(source.load(i), size))
         if len(batch) == ctx.settings.batch_size or i == len(source) - 1:
-            out.append(ctx.embed_unit(common.to_unit(np.stack(batch))))
+            out.append(encode_images(ctx.encoder, np.stack(batch), ctx.settings.batch_size))
             batch = []
     return torch.cat(out)
 
@@ -203,14 +206,9 @@ def _search(args: argparse.Namespace, ctx: common.StudyContext, queries: torch.T
         raise ValueError(
             "manipulation needs a neighbour set: --neighbour-features, --neighbour-folder or --features"
         )
-    import h5py
-
     if not Path(path).is_file():
         raise FileNotFoundError(f"neighbour features file not found: {path}")
-    with h5py.File(path, "r") as f:
-        if "features" not in f:
-            raise KeyError(f"{path} has no 'features' dataset (keys: {', '.join(f.keys())})")
-        n = f["features"].shape[0]
+    n = int(hdf5.check_features_file(path, deep=False)["num_images"])
     k, n_common = effective_neighbours(n, args.neighbours, args.n_common)
     use_faiss = args.faiss == "yes" or (args.faiss == "auto" and n >= FAISS_MIN_SIZE and _faiss_available())
     if use_faiss:
@@ -218,7 +216,7 @@ def _search(args: argparse.Namespace, ctx: common.StudyContext, queries: torch.T
         result = nearest_neighbours_faiss(queries, db, k)
     else:
         result = nearest_neighbours(queries, h5_feature_blocks(path), k, device=ctx.device)
-    return result, lambda idx: read_rows(path, idx.cpu()), k, n_common
+    return result, lambda idx: feature_rows(path, idx.cpu()), k, n_common
 
 
 def _study(args: argparse.Namespace, out: common.StudyOutput) -> list:
@@ -227,28 +225,39 @@ def _study(args: argparse.Namespace, out: common.StudyOutput) -> list:
             f"--n-common must be in [0, --neighbours) = [0, {args.neighbours}), got {args.n_common}"
         )
     ctx = common.StudyContext.from_args(args)
-    src, k = ctx.sources, args.samples
     feats = ctx.clean_features()
-    pairs = common.parse_pairs(args.pairs, len(src))
+    pairs = common.parse_pairs(args.pairs, len(ctx.sources))
     queries = torch.stack([feats[i] for i, _ in pairs])
     (sims, idx), fetch, n_neigh, n_common = _search(args, ctx, queries)
     if fetch(idx[0, :1]).shape[1] != feats.shape[1]:
         raise ValueError("the neighbour set's representations do not have the encoder's dimension")
+    shared = [shared_dimensions(fetch(idx[p]), n_common, args.active_threshold) for p in range(len(pairs))]
+    conds = manipulated_conditionings(feats, pairs, shared)
+    samples = ctx.repeat_samples(conds, args.samples, desc="manipulation")
+    search = {"sims": sims, "idx": idx, "n_neighbours": n_neigh, "n_common": n_common}
+    rows = _rows(ctx, feats, pairs, shared, conds, samples, search, args.samples)
+    title = f"Manipulation ({ctx.describe()}): dims active in >{n_common} of {n_neigh} neighbours"
+    out.save_png(_figure(ctx, pairs, shared, samples, args.samples, title))
+    out.save_csv(rows)
+    return []
 
-    conds, variants, shared = [], [], []
-    for p, (i, j) in enumerate(pairs):
-        dims = shared_dimensions(fetch(idx[p]), n_common, args.active_threshold)
+
+def manipulated_conditionings(feats: torch.Tensor, pairs, shared: list[torch.Tensor]) -> torch.Tensor:
+    """Per pair (source i, target j): i's representation, with its shared dims zeroed, with them taken
+    from j: [3 * len(pairs), D] in that order."""
+    conds = []
+    for (i, j), dims in zip(pairs, shared):
         zeroed, replaced = manipulate(feats[i], feats[j], dims)
         conds += [feats[i], zeroed, replaced]
-        variants += ["original", "shared dims zeroed", "shared dims <- target"]
-        shared.append(dims)
-    conds_t = torch.stack(conds)
-    samples = ctx.repeat_samples(conds_t, k, desc="manipulation")
-    emb = ctx.embed_samples(samples)
-    imgs = common.to_uint8(samples)
+    return torch.stack(conds)
 
-    rows, fig_rows, labels = [], [], []
-    for c, variant in enumerate(variants):
+
+def _rows(ctx: common.StudyContext, feats, pairs, shared, conds, samples, search: dict, k: int) -> list:
+    """Per pair, variant and sample: the neighbour search and the distances of the sample to both images."""
+    src = ctx.sources
+    emb = ctx.embed_samples(samples)
+    rows = []
+    for c, variant in enumerate(VARIANTS * len(pairs)):
         p = c // 3
         i, j = pairs[p]
         for n in range(k):
@@ -260,22 +269,29 @@ def _study(args: argparse.Namespace, out: common.StudyOutput) -> list:
                     "target": src.names[j],
                     "variant": variant,
                     "sample": n,
-                    "n_neighbours": n_neigh,
-                    "n_common": n_common,
+                    "n_neighbours": search["n_neighbours"],
+                    "n_common": search["n_common"],
                     "n_shared_dims": len(shared[p]),
                     "dim": feats.shape[1],
-                    "cond_cos_dist_source": float(common.cosine_distance(conds_t[c], feats[i])),
-                    "sample_cos_dist_source": float(common.cosine_distance(emb[r], feats[i])),
-                    "sample_cos_dist_target": float(common.cosine_distance(emb[r], feats[j])),
-                    "neighbour_indices": " ".join(str(int(v)) for v in idx[p]),
-                    "neighbour_min_cos": float(sims[p, -1]),
+                    "cond_cos_dist_source": float(cosine_distance(conds[c], feats[i])),
+                    "sample_cos_dist_source": float(cosine_distance(emb[r], feats[i])),
+                    "sample_cos_dist_target": float(cosine_distance(emb[r], feats[j])),
+                    "neighbour_indices": " ".join(str(int(v)) for v in search["idx"][p]),
+                    "neighbour_min_cos": float(search["sims"][p, -1]),
                 }
             )
+    return rows
+
+
+def _figure(ctx: common.StudyContext, pairs, shared, samples, k: int, title: str):
+    src = ctx.sources
+    imgs = as_tiles(samples)
+    fig_rows, labels = [], []
+    for c, variant in enumerate(VARIANTS * len(pairs)):
+        p = c // 3
+        i, j = pairs[p]
         first = src.show[i] if c % 3 == 0 else (src.show[j] if c % 3 == 2 else None)
         fig_rows.append([first, *imgs[c * k : (c + 1) * k]])
         labels.append(f"{src.names[i]} / {src.names[j]}\n{variant}\n({len(shared[p])} dims)")
     cols = ["input", *[f"sample {n + 1}" for n in range(k)]]
-    title = f"Manipulation ({ctx.describe()}): dims active in >{n_common} of {n_neigh} neighbours"
-    out.save_png(common.labelled_table(fig_rows, labels, cols, title))
-    out.save_csv(rows)
-    return []
+    return labelled_table(fig_rows, labels, cols, title)
