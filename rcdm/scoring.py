@@ -5,9 +5,26 @@ IS, optionally pool3 features for precision/recall) and the conditioning encoder
 samples through :func:`rcdm.preprocess.encoder_view`, the path a stored image takes at extraction). FD_rep
 compares the samples' representations with those of the conditioning images; rank/MRR ranks each sample's
 own conditioning among all conditionings used. Reference Inception statistics are computed once per
-reference set and cached in a file keyed by the reference images' content and the Inception weights.
-Whatever cannot be computed (no Inception file, no encoder checkpoint, ...) is left empty and the ``status``
-says why; no number is ever made up.
+reference set and cached in a file keyed by the reference images' content, the chosen rows and the Inception
+weights. Whatever cannot be computed (no Inception file, no encoder checkpoint, ...) is left empty and the
+``status`` says why; no number is ever made up.
+
+FID/IS subsets (:func:`select_rows`). With ``n_fid`` the Inception metrics use a seeded random subset of
+``n_fid`` samples (seed ``fid_seed``, default 0), never the first ones: samples are stored in conditioning
+order and a class-per-folder dataset is sorted by class, so the first 10,000 of ImageNet val's 50,000 cover
+about 200 classes. When the samples' conditioning images have class labels (the images file's ``labels``,
+-1 = unlabelled; a sample's label is that of row ``cond_index`` of the images file named by the features
+file, the samples' settings or ``conditioning_images``) the subset is class-stratified: each class gets its
+share ``n_fid * n_class / n`` rounded by largest remainder (ties broken by the seed), drawn uniformly within
+the class; without labels it is a uniform draw
+(``np.sort(np.random.default_rng(seed).choice(n, n_fid, replace=False))``).
+The ``n_reference`` reference images are chosen the same way from the reference images file (its own labels,
+seed ``reference_seed``, default 1: a different draw, so samples conditioned on the reference images are not
+paired with them). ``metrics.csv`` records each choice: ``fid_selection`` / ``reference_selection``
+(``all``, ``random``, ``stratified`` or, for ``--reference-stats``, ``precomputed``), the seed, the number of
+classes covered and ``*_rows_sha256`` (the first 16 hex digits of the sha256 of the sorted row indices as
+little-endian int64). Memory stays bounded: the sorted rows are picked chunk by chunk from the sample
+stream, and reference images are read in batches of rows.
 """
 
 from __future__ import annotations
@@ -54,10 +71,95 @@ class Evaluation:
         return out
 
 
-def _subset(n: int, n_reference: int | None, seed: int = 0) -> np.ndarray:
-    if n_reference is None or n_reference >= n:
-        return np.arange(n, dtype=np.int64)
-    return np.sort(np.random.default_rng(seed).choice(n, size=n_reference, replace=False)).astype(np.int64)
+FID_SEED = 0
+REFERENCE_SEED = 1
+DIGEST_CHARS = 16
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Rows chosen for FID/IS: sorted ``rows`` of ``n_total``, how (``method``) and with which ``seed``.
+
+    ``n_classes``: distinct class labels (>= 0) among the chosen rows (None without labels).
+    """
+
+    rows: np.ndarray
+    method: str
+    seed: int
+    n_total: int
+    n_classes: int | None = None
+
+    @property
+    def digest(self) -> str:
+        """First 16 hex digits of the sha256 of ``rows`` as little-endian int64."""
+        return hashlib.sha256(np.ascontiguousarray(self.rows, dtype="<i8").tobytes()).hexdigest()[
+            :DIGEST_CHARS
+        ]
+
+    def record(self, prefix: str) -> dict[str, Any]:
+        """The ``metrics.csv`` fields describing this selection (``fid_*`` or ``reference_*``)."""
+        return {
+            f"{prefix}_selection": self.method,
+            f"{prefix}_seed": self.seed,
+            f"{prefix}_classes": self.n_classes,
+            f"{prefix}_rows_sha256": self.digest,
+        }
+
+
+def select_rows(n_total: int, n_pick: int | None, seed: int, labels: np.ndarray | None = None) -> Selection:
+    """A seeded subset of ``n_pick`` of ``n_total`` rows (all of them when ``n_pick`` is None or larger).
+
+    With ``labels`` (one per row, -1 = unlabelled) that hold at least one class, the subset is stratified:
+    each label (-1 included, as one group) gets ``n_pick * count / n_total`` rows, floored, and the rows
+    left over go one each to the labels with the largest remainders (ties in a seeded random order); the
+    rows of a label are drawn uniformly. Otherwise the draw is uniform over all rows.
+    """
+    labeled = labels is not None and bool((np.asarray(labels) >= 0).any())
+    if labels is not None and len(labels) != n_total:
+        raise ValueError(f"{len(labels)} labels for {n_total} rows")
+    if n_pick is None or n_pick >= n_total:
+        rows, method = np.arange(n_total, dtype=np.int64), "all"
+    elif n_pick < 0:
+        raise ValueError(f"cannot pick {n_pick} rows")
+    elif not labeled:
+        rng = np.random.default_rng(seed)
+        rows, method = np.sort(rng.choice(n_total, size=n_pick, replace=False)).astype(np.int64), "random"
+    else:
+        rows, method = _stratified(np.asarray(labels, dtype=np.int64), n_pick, seed), "stratified"
+    n_classes = None
+    if labeled:
+        chosen = np.asarray(labels)[rows]
+        n_classes = int(len(np.unique(chosen[chosen >= 0])))
+    return Selection(rows, method, int(seed), int(n_total), n_classes)
+
+
+def _stratified(labels: np.ndarray, n_pick: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    share = n_pick * counts  # exact integer arithmetic: quota = share // n, remainder = share % n
+    quota, remainder = share // len(labels), share % len(labels)
+    short = n_pick - int(quota.sum())
+    if short:
+        tiebreak = rng.permutation(len(counts))
+        quota[np.lexsort((tiebreak, -remainder))[:short]] += 1
+    members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
+    picked = [rng.choice(m, size=int(q), replace=False) for m, q in zip(members, quota) if q]
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+def image_labels(images_file: str | os.PathLike) -> np.ndarray:
+    """The ``labels`` of an images file (int64 [N], -1 = unlabelled)."""
+    with h5py.File(images_file, "r") as h5:
+        return h5[hdf5.LABELS][:].astype(np.int64)
+
+
+def reference_selection(
+    images_file: str | os.PathLike, n_reference: int | None, seed: int = REFERENCE_SEED
+) -> Selection:
+    """The reference rows of ``images_file``: :func:`select_rows` over its images and labels."""
+    hdf5.check_images_file(images_file, deep=False)
+    labels = image_labels(images_file)
+    return select_rows(len(labels), n_reference, seed, labels)
 
 
 def reference_cache_path(
@@ -75,6 +177,8 @@ def reference_statistics(
     images_file: str | os.PathLike,
     *,
     n_reference: int | None = None,
+    seed: int = REFERENCE_SEED,
+    selection: Selection | None = None,
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 100,
     with_features: bool = False,
@@ -83,16 +187,18 @@ def reference_statistics(
     """Inception pool3 ``mu``, ``sigma``, ``n`` (and ``features``) of the images of an images file.
 
     ``features`` are kept when asked for or when there are at most 2048 of them (they make the Frechet
-    distance of a small set cheap and exact). ``n_reference`` keeps a seeded random subset (seed 0, file
-    order). Results are cached in ``cache_dir`` (see :func:`reference_cache_path`); a cache without
-    features is recomputed when features are needed.
+    distance of a small set cheap and exact). The rows are ``selection``, by default
+    :func:`reference_selection` (``n_reference`` rows, seeded, class-stratified when the file has labels),
+    read in batches of ``batch_size`` rows. Results are cached in ``cache_dir`` (see
+    :func:`reference_cache_path`); a cache without features is recomputed when features are needed.
     """
     from tqdm.auto import tqdm
 
-    hdf5.check_images_file(images_file, deep=False)
-    with h5py.File(images_file, "r") as h5:
-        n_total = h5[hdf5.IMAGES].shape[0]
-    rows = _subset(n_total, n_reference)
+    if selection is None:
+        selection = reference_selection(images_file, n_reference, seed)
+    else:
+        hdf5.check_images_file(images_file, deep=False)
+    rows = selection.rows
     cache = None
     if cache_dir is not None:
         cache = reference_cache_path(cache_dir, images_file, rows, inception.weights_sha256 or "")
@@ -105,9 +211,7 @@ def reference_statistics(
     with h5py.File(images_file, "r") as h5, torch.inference_mode():
         ds = h5[hdf5.IMAGES]
         for lo in tqdm(range(0, len(rows), batch_size), desc="reference inception", disable=not progress):
-            idx = rows[lo : lo + batch_size]
-            block = ds[int(idx[0]) : int(idx[-1]) + 1][idx - idx[0]]
-            pool, _ = inception.embed_uint8(torch.from_numpy(block))
+            pool, _ = inception.embed_uint8(torch.from_numpy(hdf5.read_rows(ds, rows[lo : lo + batch_size])))
             stats.update(pool)
             if with_features or len(rows) <= 2048:
                 feats.append(pool.float().cpu())
@@ -197,9 +301,11 @@ class EvalSettings:
     ``inception`` (a :class:`rcdm.inception.FIDInception`) enables FID (against ``reference_stats`` or the
     statistics of ``reference_images``), IS and precision/recall; ``encoder`` (the conditioning encoder)
     enables FD_rep and rank/MRR against ``features`` (or the samples file's own conditioning features).
-    ``n_fid`` limits the Inception metrics (FID, IS, precision/recall) to the first ``n_fid`` samples (the
+    ``n_fid`` limits the Inception metrics (FID, IS, precision/recall) to a seeded random subset of
+    ``n_fid`` samples (seed ``fid_seed``; class-stratified by the labels of the conditioning images, read
+    from ``conditioning_images`` or the images file the features file or the samples' settings name; the
     paper: 10,000 for FID/IS, all 50,000 for rank/MRR), which also saves those Inception passes;
-    ``n_reference`` keeps a seeded random subset of the reference images.
+    ``n_reference`` keeps a subset of the reference images chosen the same way (seed ``reference_seed``).
     """
 
     features: str | os.PathLike | None = None
@@ -211,6 +317,9 @@ class EvalSettings:
     reference_stats: str | os.PathLike | None = None
     n_reference: int | None = None
     n_fid: int | None = None
+    fid_seed: int = FID_SEED
+    reference_seed: int = REFERENCE_SEED
+    conditioning_images: str | os.PathLike | None = None
     cache_dir: str | os.PathLike | None = None
     rank_metric: str = "cosine"
     with_precision_recall: bool = False
@@ -246,27 +355,70 @@ def evaluate(
     s = replace(settings if settings is not None else EvalSettings(), **overrides)
     samples = Path(samples)
     n = _check_samples(samples)
-    n_inc = n if s.n_fid is None else min(n, int(s.n_fid))
     meta = read_npz_meta(samples)
     ev = Evaluation()
     ev.values.update(describe_sample_set(samples, n, meta))
     encoder, cond = _conditionings(s, meta, ev)
+    fid_rows = None
     if s.inception is None:
         ev.status.append(f"fid, is: {s.inception_missing}")
     else:
+        selection = fid_selection(n, meta, s, ev)
+        fid_rows = selection.rows
+        ev.values.update(selection.record("fid"))
         ev.values["inception_sha256"] = s.inception.weights_sha256
-        ev.values["n_fid"] = n_inc
-    fid_rows = np.arange(n_inc, dtype=np.int64) if s.inception is not None else None
+        ev.values["n_fid"] = len(fid_rows)
     streamed = stream_samples(samples, n, s, fid_rows=fid_rows, encoder=encoder)
     ev.values["seconds_embed"] = streamed.seconds
-    if s.inception is not None:
+    if fid_rows is not None:
         ref = reference_for(s, ev)
-        fid_and_is(ev, s, streamed, ref, n_inc)
+        fid_and_is(ev, s, streamed, ref, len(fid_rows))
         if s.with_precision_recall and ref is not None and "features" in ref:
             ev.values.update(sample_precision_recall(ref, streamed, s))
     if encoder is not None and cond is not None:
         faithfulness(ev, s, streamed, cond, meta["cond_index"], n)
     return ev
+
+
+def fid_selection(n: int, meta: dict[str, Any], s: EvalSettings, ev: Evaluation) -> Selection:
+    """The samples for FID/IS: :func:`select_rows` of ``n_fid`` of the ``n`` samples (seed ``fid_seed``),
+    stratified by the labels of their conditioning images when those are known (:func:`sample_labels`)."""
+    labels, note = (None, None) if s.n_fid is None or s.n_fid >= n else sample_labels(meta, s)
+    if note:
+        ev.status.append(note)
+    return select_rows(n, s.n_fid, s.fid_seed, labels)
+
+
+def sample_labels(meta: dict[str, Any], s: EvalSettings) -> tuple[np.ndarray | None, str | None]:
+    """The class label of each sample (its conditioning image's), or None and, when an images file was
+    named but cannot give them, a status note saying why.
+
+    The images file is ``conditioning_images``, else the one the features file records, else the one in
+    the samples' settings; its ``paths_sha256`` must match the features the samples were conditioned on.
+    """
+    cond_index = meta["cond_index"]
+    settings = meta["settings"]
+    has_features = s.features is not None and Path(s.features).is_file()
+    attrs = hdf5.check_features_file(s.features, deep=False) if has_features else {}
+    named = [
+        (s.conditioning_images, "--conditioning-images"),
+        (attrs.get("images_file"), f"the features file {s.features}"),
+        (settings.get("images_file"), "the samples' settings"),
+    ]
+    path, source = next(((str(p), src) for p, src in named if p), (None, None))
+    if cond_index is None or path is None:
+        return None, None
+    why = "fid subset not class-stratified"
+    if not Path(path).is_file():
+        return None, f"{why}: images file {path} (named by {source}) not found"
+    images_attrs = hdf5.check_images_file(path, deep=False)
+    expected = settings.get("features_paths_sha256") or attrs.get("paths_sha256")
+    if expected and images_attrs.get("paths_sha256") != expected:
+        return None, f"{why}: images file {path} holds other images than the conditioning features"
+    labels = image_labels(path)
+    if len(cond_index) and int(cond_index.max()) >= len(labels):
+        return None, f"{why}: cond_index up to {int(cond_index.max())} but {path} has {len(labels)} images"
+    return labels[cond_index], None
 
 
 def _check_samples(samples: Path) -> int:
@@ -368,16 +520,21 @@ def stream_samples(
 
 def reference_for(s: EvalSettings, ev: Evaluation) -> dict[str, np.ndarray] | None:
     """The FID reference: ``reference_stats`` (unless precision/recall needs features) or the statistics
-    of ``reference_images``; None (and a status note) when neither is given."""
+    of the selected ``reference_images`` (:func:`reference_selection`, recorded in ``ev``); None (and a
+    status note) when neither is given."""
     if s.reference_stats is not None and not s.with_precision_recall:
+        ev.values["reference_selection"] = "precomputed"
         return load_reference_stats(s.reference_stats)
     if s.reference_images is not None:
+        selection = reference_selection(s.reference_images, s.n_reference, s.reference_seed)
+        ev.values.update(selection.record("reference"))
         return reference_statistics(
-            s.inception, s.reference_images, n_reference=s.n_reference, cache_dir=s.cache_dir,
+            s.inception, s.reference_images, selection=selection, cache_dir=s.cache_dir,
             batch_size=s.batch_size, with_features=s.with_precision_recall, progress=s.progress,
         )  # fmt: skip
     if s.reference_stats is not None:
         ev.status.append("precision/recall: needs --reference-images (statistics have no features)")
+        ev.values["reference_selection"] = "precomputed"
         return load_reference_stats(s.reference_stats)
     ev.status.append("fid: no reference images (--reference-images) or statistics (--reference-stats)")
     return None

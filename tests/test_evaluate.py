@@ -1,4 +1,5 @@
 import argparse
+import hashlib
 import json
 
 import h5py
@@ -20,7 +21,7 @@ from rcdm.inception import (
     load_inception,
 )
 from rcdm.metrics import RunningStats, frechet_distance, inception_score
-from rcdm.scoring import evaluate
+from rcdm.scoring import evaluate, select_rows
 from rcdm.stages import evaluate as ev_mod
 
 SIZE, DIM, SMALL_INPUT = 16, 8, 75
@@ -209,7 +210,7 @@ def test_evaluate_computes_every_metric_from_its_definition(toy, weights_dir):
     assert len(list((toy["root"] / "cache").glob("fid_ref_*.npz"))) == 1
 
 
-def test_n_fid_limits_inception_metrics_to_the_first_samples(toy, weights_dir):
+def test_n_fid_uses_a_seeded_random_subset_of_the_samples(toy, weights_dir):
     from rcdm import encoders
 
     inc = _small_inception(weights_dir)
@@ -223,12 +224,148 @@ def test_n_fid_limits_inception_metrics_to_the_first_samples(toy, weights_dir):
     with torch.inference_mode():
         pool, logits = inc.embed_uint8(torch.from_numpy(images))
     pool, logits = pool.double().numpy(), logits.double().numpy()
+    # the toy images are unlabelled (-1): a uniform draw, seed 0, as the docstring states
+    rows = np.sort(np.random.default_rng(0).choice(8, size=5, replace=False))
+    assert rows.tolist() != [0, 1, 2, 3, 4]
     assert row["n_fid"] == 5 and row["n_samples"] == 8
-    assert row["fid"] == pytest.approx(_fd_svd(pool[src[:5]], pool), rel=1e-4)
-    expected_is = inception_score(logits[src[:5]], splits=2)
+    assert row["fid_selection"] == "random" and row["fid_seed"] == 0 and row["fid_classes"] is None
+    assert row["fid_rows_sha256"] == hashlib.sha256(rows.astype("<i8").tobytes()).hexdigest()[:16]
+    assert row["fid"] == pytest.approx(_fd_svd(pool[src[rows]], pool), rel=1e-4)
+    expected_is = inception_score(logits[src[rows]], splits=2)
     assert (row["is_mean"], row["is_std"]) == pytest.approx(expected_is, rel=1e-4)
     ranks = _expected(toy, inc)["ranks"]  # rank/MRR still use every sample
     assert row["mean_rank"] == pytest.approx(ranks.mean())
+    # every reference image (no n_reference), recorded as such
+    assert row["reference_selection"] == "all" and row["n_reference"] == 4
+    assert (
+        row["reference_rows_sha256"] == hashlib.sha256(np.arange(4).astype("<i8").tobytes()).hexdigest()[:16]
+    )
+    # another seed, another subset (and another FID)
+    other = evaluate(
+        toy["samples"], features=toy["root"] / "features.h5", inception=inc, n_fid=5, fid_seed=3,
+        reference_images=toy["root"] / "images.h5", is_splits=2, batch_size=3, progress=False,
+    ).row()  # fmt: skip
+    rows3 = np.sort(np.random.default_rng(3).choice(8, size=5, replace=False))
+    assert rows3.tolist() != rows.tolist() and other["fid_seed"] == 3
+    assert other["fid"] == pytest.approx(_fd_svd(pool[src[rows3]], pool), rel=1e-4)
+
+
+def test_select_rows_stratifies_by_largest_remainder():
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
+    rng = np.random.default_rng(5)
+    labels = labels[rng.permutation(100)]
+    for n_pick, counts in ((10, [5, 3, 2]), (7, [4, 2, 1]), (3, [1, 1, 1])):
+        # exact shares 0.5/0.3/0.2 * n_pick; floors, then the largest remainders get the rest (3: 1.5/0.9/0.6)
+        sel = select_rows(100, n_pick, seed=1, labels=labels)
+        assert sel.method == "stratified" and len(sel.rows) == n_pick
+        assert (np.diff(sel.rows) > 0).all()
+        assert np.bincount(labels[sel.rows], minlength=3).tolist() == counts
+    # equal remainders: the seed decides which class gets the extra row
+    halves = np.repeat([0, 1], 50)
+    extra = {int(np.argmax(np.bincount(halves[select_rows(100, 3, seed, halves).rows]))) for seed in range(8)}
+    assert extra == {0, 1}
+    a, b = select_rows(100, 10, 1, labels), select_rows(100, 10, 2, labels)
+    assert a.rows.tolist() == select_rows(100, 10, 1, labels).rows.tolist()
+    assert a.digest != b.digest and a.n_classes == 3
+    # unlabelled rows are one more group; all -1 is a uniform draw
+    mixed = np.where(np.arange(100) < 40, -1, labels)
+    sel = select_rows(100, 10, 0, mixed)
+    assert (mixed[sel.rows] == -1).sum() == 4
+    uniform = select_rows(100, 10, 0, np.full(100, -1))
+    assert uniform.method == "random" and uniform.n_classes is None
+    assert uniform.rows.tolist() == sorted(np.random.default_rng(0).choice(100, 10, replace=False).tolist())
+    assert select_rows(100, None, 0, labels).method == "all" and select_rows(5, 9, 0).rows.tolist() == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+
+
+def _class_folder(root, sizes) -> None:
+    """Class folders ``k<j>`` sorted by name (k0 ... k9), ``sizes[j]`` small photos each."""
+    rng = np.random.default_rng(0)
+    for j, size in enumerate(sizes):
+        (root / f"k{j}").mkdir(parents=True)
+        for i in range(size):
+            base = rng.integers(0, 256, 3)
+            noise = rng.integers(-40, 40, (20, 24, 3))
+            Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(
+                root / f"k{j}" / f"{i:02d}.png"
+            )
+
+
+def test_fid_subsets_cover_every_class_of_a_class_per_folder_set_in_proportion(weights_dir, tmp_path):
+    from rcdm import encoders
+    from rcdm.cli import main
+
+    sizes = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12]  # 75 images; the first 40 samples would be 4 classes only
+    _class_folder(tmp_path / "data", sizes)
+    arch = {"widths": [4, 8], "blocks": 1, "stem_stride": 1, "head_dims": [8, 5]}
+    trunk, head = encoders.build_small(arch)
+    torch.save({"format": encoders.SMALL_FORMAT, "arch": arch, "trunk": trunk.state_dict(),
+                "head": head.state_dict(), "input_size": 16}, tmp_path / "small.pt")  # fmt: skip
+    images_file, features_file = tmp_path / "val.h5", tmp_path / "trunk.h5"
+    assert main(["extract", "--dataset", str(tmp_path / "data"), "--split", "val", "--image-size", "16",
+                 "--images-out", str(images_file), "--encoder", "small", "--encoder-checkpoint",
+                 str(tmp_path / "small.pt"), "--features-out", f"trunk={features_file}", "--workers", "0",
+                 "--no-progress", "--device", "cpu"]) == 0  # fmt: skip
+    with h5py.File(images_file) as h5:
+        images = h5["images"][:]
+        folder = np.array([int(p.split("/")[0][1:]) for p in hdf5.read_strings(h5["paths"])])
+    assert np.bincount(folder).tolist() == sizes and (np.diff(folder) >= 0).all()  # sorted by folder
+    # two samples per image, in conditioning order (each sample is its conditioning image)
+    cond_index = np.repeat(np.arange(75), 2)
+    samples = images[cond_index]
+    npz = tmp_path / "run" / "samples.npz"
+    write_npz(npz, samples.shape, iter([(samples, cond_index, np.tile([0, 1], 75))]),
+              {"sampler": "ddim", "steps": 5, "samples_per_image": 2})  # fmt: skip
+    inc = _small_inception(weights_dir)
+    row = evaluate(
+        npz, features=features_file, inception=inc, reference_images=images_file, n_fid=40, n_reference=30,
+        is_splits=2, batch_size=16, progress=False,
+    ).row()  # fmt: skip
+
+    sample_rows = select_rows(150, 40, 0, folder[cond_index]).rows
+    ref_rows = select_rows(75, 30, 1, folder).rows
+    for sel, rows, share in (
+        ("fid", sample_rows, 40 / 150),
+        ("reference", ref_rows, 30 / 75),
+    ):
+        assert row[f"{sel}_selection"] == "stratified" and row[f"{sel}_classes"] == 10
+        assert row[f"{sel}_rows_sha256"] == hashlib.sha256(rows.astype("<i8").tobytes()).hexdigest()[:16]
+        per_image = 2 if sel == "fid" else 1
+        counts = np.bincount(folder[rows // per_image], minlength=10)
+        expected = share * per_image * np.array(sizes)
+        assert (counts >= 1).all() and (np.abs(counts - expected) < 1).all(), (sel, counts, expected)
+    assert (
+        row["fid_seed"] == 0
+        and row["reference_seed"] == 1
+        and row["n_fid"] == 40
+        and row["n_reference"] == 30
+    )
+    # the FID is that of exactly these samples against exactly these reference images
+    with torch.inference_mode():
+        pool = inc.embed_uint8(torch.from_numpy(images))[0].double().numpy()
+    assert row["fid"] == pytest.approx(_fd_svd(pool[cond_index[sample_rows]], pool[ref_rows]), rel=1e-4)
+    assert row["status"] == "fd_rep, rank: no encoder given"
+
+
+def test_old_metrics_files_without_selection_columns_still_tabulate(tmp_path):
+    from rcdm.cli import main
+    from rcdm.formats.metrics_csv import read_metrics
+
+    new = {c for c in COLUMNS if c.startswith(("fid_", "reference_"))}
+    assert len(new) == 8
+    old_columns = [c for c in COLUMNS if c not in new]
+    values = {"run_id": "r", "dataset": "d", "encoder": "dino", "layer": "trunk", "sampler": "ddim",
+              "steps": 5, "fid": 12.5, "status": "ok", "timestamp": "2026-01-01T00:00:00+00:00"}  # fmt: skip
+    pd.DataFrame([values], columns=old_columns).to_csv(tmp_path / "metrics.csv", index=False)
+    df = read_metrics([tmp_path / "metrics.csv"])
+    assert df.iloc[0]["fid"] == 12.5 and df[sorted(new)].isna().all().all()
+    assert main(["tabulate", str(tmp_path / "metrics.csv"), "--out-dir", str(tmp_path / "tables")]) == 0
+    assert "12.50" in (tmp_path / "tables" / "table1.md").read_text()
 
 
 def test_cli_writes_metrics_csv_and_reuses_reference_cache(toy, weights_dir, monkeypatch, tmp_path):

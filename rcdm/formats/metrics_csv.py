@@ -3,6 +3,13 @@
 Columns are :data:`COLUMNS` in order (the first ones are the paper's Table 1 fields); a value that could not
 be computed is empty and the ``status`` column says why. ``model_sha256`` is the RCDM checkpoint the samples
 came from (older files call it ``checkpoint_sha256``).
+
+Which samples and reference images FID/IS used (:mod:`rcdm.scoring`): ``fid_selection`` /
+``reference_selection`` (``all``, ``random``, ``stratified``; ``precomputed`` for reference statistics
+read from a file), ``fid_seed`` / ``reference_seed``, ``fid_classes`` / ``reference_classes`` (class labels
+covered; empty without labels) and ``fid_rows_sha256`` / ``reference_rows_sha256`` (first 16 hex digits of
+the sha256 of the sorted row indices as little-endian int64). Files written before these columns existed
+read with them empty.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ COLUMNS = (
     "fid", "is_mean", "is_std", "fd_rep", "mean_rank", "median_rank", "mrr", "top1", "top5", "chance_mrr",
     "precision", "recall", "inception_sha256", "status",
     "n_cond", "samples_per_image", "rank_metric", "eta", "seed", "model_sha256", "samples_file",
+    "fid_selection", "fid_seed", "fid_classes", "fid_rows_sha256",
+    "reference_selection", "reference_seed", "reference_classes", "reference_rows_sha256",
     "timestamp",
 )  # fmt: skip
 

@@ -16,7 +16,7 @@ from rcdm.formats import hdf5
 from rcdm.formats.metrics_csv import write_metrics_csv
 from rcdm.formats.npz import read_npz_meta
 from rcdm.inception import InceptionWeightsMissing, load_inception
-from rcdm.scoring import EvalSettings, evaluate
+from rcdm.scoring import FID_SEED, REFERENCE_SEED, EvalSettings, evaluate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,9 +28,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weights-dir", default="weights", help="folder holding the FID Inception weights file")
     g.add_argument("--reference-images", help="images file whose images are the FID reference set")
     g.add_argument("--reference-stats", help=".npz with mu and sigma of the reference set (instead)")
-    g.add_argument("--n-reference", type=int, help="seeded random subset of the reference images")
     g.add_argument(
-        "--n-fid", type=int, help="Inception metrics on the first N samples only (paper: 10000); default all"
+        "--n-reference", type=int,
+        help="FID reference: a seeded random subset of N reference images, class-stratified when labelled",
+    )  # fmt: skip
+    g.add_argument("--reference-seed", type=int, default=REFERENCE_SEED, help="seed of the reference subset")
+    g.add_argument(
+        "--n-fid", type=int,
+        help="FID/IS on a seeded random subset of N samples, class-stratified by the conditioning images' "
+        "labels when known (paper: 10000); default all",
+    )  # fmt: skip
+    g.add_argument("--fid-seed", type=int, default=FID_SEED, help="seed of the FID/IS sample subset")
+    g.add_argument(
+        "--conditioning-images",
+        help="images file whose labels classify the samples (default: the one the features file names)",
     )
     g.add_argument("--cache-dir", help="where reference statistics are cached (default: beside --out)")
     g.add_argument("--precision-recall", action="store_true", help="also k-NN precision/recall (k=3)")
@@ -77,6 +88,8 @@ def _settings(args, device, encoder, encoder_missing: str, inception, inception_
         features=args.features, encoder=encoder, encoder_missing=encoder_missing, inception=inception,
         inception_missing=inception_missing, reference_images=args.reference_images,
         reference_stats=args.reference_stats, n_reference=args.n_reference, n_fid=args.n_fid,
+        fid_seed=args.fid_seed, reference_seed=args.reference_seed,
+        conditioning_images=args.conditioning_images,
         cache_dir=args.cache_dir or Path(args.out).parent / "cache", rank_metric=args.rank_metric,
         with_precision_recall=args.precision_recall, is_splits=args.is_splits, batch_size=args.batch_size,
         workers=args.workers, device=device, progress=not args.no_progress,
