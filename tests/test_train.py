@@ -403,3 +403,22 @@ def test_cli_runs_and_reports_errors(tmp_path, pair):
     bad = subprocess.run(base + ["--steps", "2", "--model-flags", json.dumps({"ssl_dim": 3})],
                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert bad.returncode == 1 and "ssl_dim=3" in bad.stderr
+
+
+def test_one_trainer_per_run(tmp_path, pair):
+    """A second trainer of the same run fails at once while the first holds the run (no shared folder)."""
+    from rcdm.stages.train import RunLock
+
+    img, feat, _, _ = pair
+    first = Trainer(make_cfg(tmp_path, img, feat, steps=2, save_interval=1))
+    held = RunLock(first.ckpt_dir)
+    held.acquire()  # stands in for a trainer of this run in another process
+    try:
+        with pytest.raises(TrainConfigError, match="another trainer is writing this run"):
+            first.train()
+    finally:
+        held.release()
+    late = Trainer(make_cfg(tmp_path, img, feat, steps=2, save_interval=1))
+    assert first.train() == 0  # wrote ckpt_000001/2 after `late` chose to start at step 0
+    with pytest.raises(TrainConfigError, match="appeared after this run chose to start"):
+        late.train()

@@ -317,6 +317,45 @@ def requeue_slurm_job(environ: dict[str, str] | None = None) -> bool:
     return done.returncode == 0
 
 
+class RunLock:
+    """Exclusive lock (``flock`` on ``<run folder>/.lock``): one trainer writes a run's checkpoints at a time.
+
+    A second trainer of the same run (a job resubmitted while the first still runs, two workflow processes)
+    fails at once, naming the holder, instead of both saving into one folder. The lock dies with its process.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / ".lock"
+        self._fh = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")  # noqa: SIM115 (held open for the run: the lock lives as long as it)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise TrainConfigError(
+                f"another trainer is writing this run ({self.path.parent}; holder: {holder}); "
+                "wait for it to end or stop it (scancel) first"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"host={socket.gethostname()} pid={os.getpid()} job={os.environ.get('SLURM_JOB_ID', '-')}\n")
+        fh.flush()
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing drops the flock
+            self._fh = None
+
+
 class _Autocast:
     """Calls ``model`` under autocast (``dtype`` None: plain fp32)."""
 
@@ -443,6 +482,7 @@ class Trainer:
     def _find_resume(self) -> tuple[Path, dict[str, Any]] | None:
         cfg = self.cfg
         self._init_weights = None
+        self._ckpts_seen = set(list_checkpoints(self.ckpt_dir))
         legacy = list_checkpoints(cfg.checkpoint_dir)
         if legacy and self.ctx.is_main:
             warnings.warn(
@@ -814,9 +854,24 @@ class Trainer:
 
     def train(self) -> int:
         """Run until ``steps``, the time budget, or a signal. Returns the process exit code."""
+        lock = RunLock(self.ckpt_dir)
+        if self.ctx.is_main:
+            lock.acquire()
+        try:
+            return self._train()
+        finally:
+            lock.release()
+
+    def _train(self) -> int:
         cfg = self.cfg
         out = Path(cfg.out)
         if self.ctx.is_main:
+            new = sorted(set(list_checkpoints(self.ckpt_dir)) - self._ckpts_seen)
+            if new:  # written since this run chose where to start
+                raise TrainConfigError(
+                    f"{new[0]} appeared after this run chose to start at step {self.step}: another "
+                    "trainer wrote it; rerun to resume from it"
+                )
             out.mkdir(parents=True, exist_ok=True)
             with atomic_path(out / "train_config.json") as tmp:
                 tmp.write_text(
