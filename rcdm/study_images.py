@@ -1,6 +1,8 @@
 """A study's conditioning images: which ones, their stored crops, and the encoder's crops of the originals.
 
-Which images (:class:`Selection`): explicit positions, else the first ``num``.
+Which images (:class:`Selection`): explicit positions, explicit names (paths as the images file records
+them, or their file names), or by default a seeded random draw over the whole set, stratified by class when
+the set has labels (:func:`rcdm.subsets.stratified_draw`); never the first N.
 
 What each image is (:class:`Sources`): ``show``, the crop at the model resolution S (the stored crop of an
 images file, ``center_crop_arr`` of the original for a dataset), and ``enc``, the crop at the encoder's input
@@ -23,6 +25,7 @@ from PIL import Image
 
 from rcdm.formats import hdf5
 from rcdm.preprocess import center_crop_arr
+from rcdm.subsets import stratified_draw
 
 
 def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -38,21 +41,49 @@ def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Selection:
-    """Which images of a set: ``indices``, else the first ``num``."""
+    """Which images of a set: ``indices``, else ``names``, else a seeded stratified draw of ``num``."""
 
     num: int = 4
+    seed: int = 0
     indices: list[int] | None = None
+    names: list[str] | None = None
 
-    def choose(self, n: int, what: str) -> list[int]:
-        """Positions in a set of ``n`` images; ``what`` names the set in errors."""
-        if self.indices is None:
-            if self.num < 1:
-                raise ValueError(f"--num-images must be positive, got {self.num}")
-            return list(range(min(self.num, n)))
-        bad = [i for i in self.indices if not 0 <= i < n]
-        if bad:
-            raise IndexError(f"image indices {bad} outside [0, {n})")
-        return list(self.indices)
+    def choose(self, labels: np.ndarray, keys: Callable[[], Sequence[str]], what: str) -> list[int]:
+        """Positions in a set of ``len(labels)`` images; ``keys()`` gives every image's name (read only when
+        names are asked for); ``what`` names the set in errors."""
+        n = len(labels)
+        if self.indices is not None:
+            bad = [i for i in self.indices if not 0 <= i < n]
+            if bad:
+                raise IndexError(f"image indices {bad} outside [0, {n}) of {what}")
+            return list(self.indices)
+        if self.names:
+            return match_names(self.names, list(keys()), what)
+        if self.num < 1:
+            raise ValueError(f"the number of images must be positive, got {self.num}")
+        return [int(i) for i in stratified_draw(labels, self.num, self.seed)]
+
+
+def match_names(names: Sequence[str], keys: Sequence[str], what: str) -> list[int]:
+    """Positions of ``names`` among ``keys``: an exact key, else the one key that it names without its
+    extension, or by its file name (with or without extension)."""
+    exact = {k: i for i, k in enumerate(keys)}
+    short: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        base = k.rsplit("/", 1)[-1]
+        for alias in {k.rsplit(".", 1)[0], base, base.rsplit(".", 1)[0]} - {k}:
+            short.setdefault(alias, []).append(i)
+    out = []
+    for name in names:
+        if name in exact:
+            out.append(exact[name])
+            continue
+        found = short.get(name, [])
+        if len(found) != 1:
+            why = "matches several images" if found else "is not one of its images"
+            raise ValueError(f"image name {name!r} {why} in {what} (give the path as recorded)")
+        out.append(found[0])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -104,9 +135,10 @@ def from_images_file(
             f"{path} holds {attrs['image_size']}px images but the model generates {image_size}px"
         )
     with h5py.File(path, "r") as f:
-        idx = selection.choose(f[hdf5.IMAGES].shape[0], str(path))
+        labels_all = np.asarray(f[hdf5.LABELS][:], dtype=np.int64)
+        idx = selection.choose(labels_all, lambda: hdf5.read_strings(f[hdf5.PATHS]), str(path))
         show = hdf5.read_rows(f[hdf5.IMAGES], idx)
-        labels = hdf5.read_rows(f[hdf5.LABELS], idx).astype(np.int64)
+        labels = labels_all[idx]
         paths = [_str(f[hdf5.PATHS][i]) for i in idx]
         factors, factor_names = read_factors(f, idx)
     features = read_features(features_path, idx, attrs) if features_path else None
@@ -129,7 +161,8 @@ def from_dataset(spec: str, split: str, selection: Selection, image_size: int, e
     from rcdm.data import open_dataset
 
     source = open_dataset(spec, split=split, native_size=max(image_size, encoder_size))
-    idx = selection.choose(len(source), f"dataset {spec}")
+    labels_all = np.asarray([source.label(i) for i in range(len(source))], np.int64)
+    idx = selection.choose(labels_all, lambda: [source.key(i) for i in range(len(source))], f"dataset {spec}")
     show, enc, factors = [], [], {}
     for i in idx:
         im = source.load(i)
@@ -142,7 +175,7 @@ def from_dataset(spec: str, split: str, selection: Selection, image_size: int, e
     return Sources(
         np.stack(show),
         names,
-        np.asarray([source.label(i) for i in idx], np.int64),
+        labels_all[idx],
         {k: np.asarray(v) for k, v in factors.items()},
         factor_names_of(source),
         indices=idx,

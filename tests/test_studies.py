@@ -85,6 +85,30 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+CLASS_SIZES = [4 + k for k in range(10)]  # class k (folder "class_k") holds 4 + k images: 85 in all
+
+
+@pytest.fixture(scope="session")
+def class_folder(assets, tmp_path_factory) -> dict[str, Path]:
+    """A class-per-folder image set (10 classes sorted by folder name, unequal sizes), extracted by the real
+    `rcdm extract` into an images file (labels = folder index) and a trunk features file."""
+    root = tmp_path_factory.mktemp("class_folder")
+    folder = root / "images"
+    rng = np.random.default_rng(0)
+    for k, size in enumerate(CLASS_SIZES):
+        (folder / f"class_{k}").mkdir(parents=True)
+        for j in range(size):
+            pixels = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"class_{k}" / f"img_{j:03d}.png")
+    out = {"folder": folder, "images": root / "images.h5", "trunk": root / "trunk.h5"}
+    main(
+        ["extract", "--dataset", str(folder), "--split", "val", "--image-size", str(SIZE), "--images-out",
+         str(out["images"]), "--encoder", "small", "--encoder-checkpoint", str(assets["enc"]),
+         "--features-out", f"trunk={out['trunk']}", "--workers", "0", "--device", "cpu", "--no-progress"]
+    )  # fmt: skip
+    return out
+
+
 def _common(a: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return [
         "--checkpoint", str(a["rcdm_trunk"]), "--model-flags", str(a["flags_trunk"]), "--encoder", "small",
@@ -166,6 +190,31 @@ def test_shared_dimensions_and_manipulation():
     # a database smaller than --neighbours: all of it, with n_common scaled by the same ratio
     assert manipulate.effective_neighbours(100, 20, 14) == (20, 14)
     assert manipulate.effective_neighbours(10, 20, 14) == (10, 7)
+
+
+def test_stratified_draw_covers_classes_in_proportion():
+    from rcdm.subsets import stratified_draw
+
+    labels = np.repeat(np.arange(10), CLASS_SIZES)  # sorted by class, like a class-per-folder dataset
+    for n in (17, 40):
+        drawn = stratified_draw(labels, n, seed=3)
+        assert len(drawn) == n and len(set(drawn.tolist())) == n
+        counts = np.bincount(labels[drawn], minlength=10)
+        expected = n * np.asarray(CLASS_SIZES) / len(labels)
+        assert (np.abs(counts - expected) < 1).all(), (counts, expected)
+        # round robin over the classes: consecutive images (the studies' pairs) are of different classes
+        assert len(set(labels[drawn[:10]].tolist())) == 10
+        assert (labels[drawn][:-1] != labels[drawn][1:]).all()
+    assert np.array_equal(stratified_draw(labels, 17, seed=3), stratified_draw(labels, 17, seed=3))
+    assert not np.array_equal(stratified_draw(labels, 17, seed=3), stratified_draw(labels, 17, seed=4))
+    # fewer images than classes: distinct classes; equal classes are picked at random, not the first ones
+    equal = np.repeat(np.arange(100), 5)
+    picked = [np.sort(equal[stratified_draw(equal, 8, seed=s)]) for s in range(3)]
+    assert all(len(set(p.tolist())) == 8 for p in picked) and not np.array_equal(picked[0], picked[1])
+    # unlabelled (-1 everywhere): a plain seeded random draw over the whole set
+    unlabelled = stratified_draw(np.full(1000, -1), 10, seed=0)
+    assert len(set(unlabelled.tolist())) == 10 and unlabelled.max() >= 100
+    assert sorted(stratified_draw(np.full(5, -1), 10, seed=0).tolist()) == [0, 1, 2, 3, 4]
 
 
 def test_augmentations():
@@ -355,7 +404,8 @@ def test_manipulate_uses_exact_neighbours(assets, tmp_path):
     assert [r["variant"] for r in rows] == ["original", "shared dims zeroed", "shared dims <- target"]
     with h5py.File(assets["trunk"]) as f:
         feats = torch.from_numpy(f["features"][:, 0])
-    sims = torch.nn.functional.normalize(feats, dim=1) @ torch.nn.functional.normalize(feats[0], dim=0)
+    source = int(rows[0]["source"])  # the image's position in the images file
+    sims = torch.nn.functional.normalize(feats, dim=1) @ torch.nn.functional.normalize(feats[source], dim=0)
     neigh = torch.argsort(sims, descending=True)[:4]
     assert rows[0]["neighbour_indices"] == " ".join(str(int(i)) for i in neigh)
     expected = int(((feats[neigh].abs() > 0).sum(0) > 2).sum())
@@ -390,6 +440,50 @@ def test_trunk_head_and_ood(assets, tmp_path):
     _check_png(out / "ood.png")
     rows = _read_csv(out / "ood.csv")
     assert len(rows) == 2 and rows[0]["image"] != rows[1]["image"] and "." not in rows[0]["image"]
+
+
+def test_study_images_drawn_from_every_class(assets, class_folder, tmp_path):
+    """Study images: a seeded draw over the whole class-sorted set, every class in proportion (never the
+    first N, which would all be class 0), or explicit names."""
+    out = tmp_path / "cond"
+    args = [
+        "--images", str(class_folder["images"]), "--features", str(class_folder["trunk"]),
+        "--num-images", "17", "--samples", "1", "--steps", "2", "--batch-size", "32",
+    ]  # fmt: skip
+    assert main(["study", "conditioned", *_common(assets, out)[:-2], *args, "--out", str(out)]) == 0
+    rows = _read_csv(out / "conditioned.csv")
+    with h5py.File(class_folder["images"]) as f:
+        labels = f["labels"][:]
+        paths = f["paths"].asstr()[:]
+    assert [int(labels[int(r["image"])]) for r in rows] == [int(r["label"]) for r in rows]
+    counts = np.bincount([int(r["label"]) for r in rows], minlength=10)
+    expected = 17 * np.asarray(CLASS_SIZES) / sum(CLASS_SIZES)
+    assert (counts >= 1).all() and (np.abs(counts - expected) < 1).all(), (counts, expected)
+    assert paths[int(rows[0]["image"])].split("/")[0] != paths[int(rows[1]["image"])].split("/")[0]
+    # another seed, other images; explicit names (a recorded path, or a unique file name) pick exactly those
+    ctx_args = (class_folder["images"], class_folder["trunk"])
+    draw = lambda **kw: common.load_sources(_source_args(*ctx_args, **kw), SIZE, SIZE).indices  # noqa: E731
+    assert draw(num_images=17, image_seed=0) != draw(num_images=17, image_seed=1)
+    assert draw(image_names="class_3/img_002.png,class_9/img_012") == [
+        list(paths).index("class_3/img_002.png"),
+        list(paths).index("class_9/img_012.png"),
+    ]
+    with pytest.raises(ValueError, match="matches several images"):
+        draw(image_names="img_000.png")
+    with pytest.raises(ValueError, match="not one of its images"):
+        draw(image_names="class_3/missing.png")
+
+
+def _source_args(images, features, **kw):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    common.add_source_arguments(parser)
+    args = parser.parse_args(["--images", str(images), "--features", str(features)])
+    args.seed = 0
+    for key, value in kw.items():
+        setattr(args, key, value)
+    return args
 
 
 def test_bad_inputs_are_clear_errors(assets, tmp_path):

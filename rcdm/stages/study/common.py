@@ -76,8 +76,20 @@ def add_source_arguments(parser: argparse.ArgumentParser, *, dataset_default: st
         help="folder the images file's recorded paths are relative to: the encoder then sees the original's "
         "centre crop, as in extraction (else the stored crop, resized)",
     )
-    g.add_argument("--num-images", type=int, default=4, help="how many conditioning images")
-    g.add_argument("--indices", default=None, help="comma-separated image indices (overrides --num-images)")
+    g.add_argument(
+        "--num-images",
+        type=int,
+        default=4,
+        help="how many conditioning images: a seeded random draw over the whole set, stratified by class "
+        "when it has labels",
+    )
+    g.add_argument("--image-seed", type=int, default=None, help="seed of that draw (default: --seed)")
+    g.add_argument("--indices", default=None, help="comma-separated image positions (instead of a draw)")
+    g.add_argument(
+        "--image-names",
+        default=None,
+        help="comma-separated image paths as recorded, or file names (instead of a draw)",
+    )
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, samples: int = 4) -> None:
@@ -117,6 +129,11 @@ def parse_indices(text: str | None) -> list[int] | None:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError as err:
         raise ValueError(f"--indices must be comma-separated integers, got {text!r}") from err
+
+
+def parse_names(text: str | None) -> list[str] | None:
+    names = [t.strip() for t in (text or "").split(",") if t.strip()]
+    return names or None
 
 
 def parse_pairs(text: str | None, n: int) -> list[tuple[int, int]]:
@@ -200,7 +217,13 @@ def check_dims(model, dim: int, what: str) -> None:
 
 
 def selection_of(args: argparse.Namespace) -> Selection:
-    return Selection(num=args.num_images, indices=parse_indices(getattr(args, "indices", None)))
+    seed = args.image_seed if getattr(args, "image_seed", None) is not None else getattr(args, "seed", 0)
+    return Selection(
+        num=args.num_images,
+        seed=seed,
+        indices=parse_indices(getattr(args, "indices", None)),
+        names=parse_names(getattr(args, "image_names", None)),
+    )
 
 
 def load_sources(args: argparse.Namespace, image_size: int, encoder_size: int) -> Sources:
