@@ -6,9 +6,14 @@ the set has labels (:func:`rcdm.subsets.stratified_draw`); never the first N.
 
 What each image is (:class:`Sources`): ``show``, the crop at the model resolution S (the stored crop of an
 images file, ``center_crop_arr`` of the original for a dataset), and ``enc``, the crop at the encoder's input
-size E of the same original when its recorded path is readable (under ``image_root``), else the stored crop
-resized to E. ``enc`` is read on first use: studies that take the clean representations from a features file
-never need it.
+size E of the SAME original, exactly what extraction encoded. When E == S the two are the same crop. When
+E != S, ``enc`` needs the original image: from ``image_root`` (the folder the recorded paths are relative
+to), else from the folder the images file records (attribute ``root``), else by regenerating a registered
+dataset (``shapes``, ``photos``) from its recorded settings; every original found is checked against the
+stored crop. An original that cannot be found is an error (:class:`SourceImageError`) naming the image and
+the settings to fix; only with ``allow_upsampled`` is the stored S px crop upsampled to E instead, and
+``upsampled`` then says for which images. ``enc`` is read on first use: studies that take the clean
+representations from a features file never need the originals.
 """
 
 from __future__ import annotations
@@ -26,6 +31,14 @@ from PIL import Image
 from rcdm.formats import hdf5
 from rcdm.preprocess import center_crop_arr
 from rcdm.subsets import stratified_draw
+
+#: largest mean absolute difference (uint8 units) between an original's crop at S and the stored crop for
+#: the original to count as the stored image (decoders of different versions may differ by a unit or so)
+SAME_IMAGE_TOLERANCE = 2.0
+
+
+class SourceImageError(FileNotFoundError):
+    """The original of a conditioning image, needed for its encoder-resolution crop, cannot be used."""
 
 
 def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -100,8 +113,9 @@ class Sources:
     factor_names: dict[str, list[str] | None] = field(default_factory=dict)
     features: torch.Tensor | None = None  # [N, D] precomputed clean representations (features file)
     indices: list[int] = field(default_factory=list)  # positions in the images file / dataset
-    crops: Callable[[], np.ndarray] | None = None  # -> enc, on first use
+    crops: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None  # -> (enc, upsampled), on first use
     _enc: np.ndarray | None = None
+    upsampled: np.ndarray | None = None  # bool [N] once ``enc`` was read: stored crop upsampled, no original
 
     def __len__(self) -> int:
         return len(self.show)
@@ -112,8 +126,12 @@ class Sources:
         if self._enc is None:
             if self.crops is None:
                 raise ValueError("these sources have no encoder-resolution crops")
-            self._enc = self.crops()
+            self._enc, self.upsampled = self.crops()
         return self._enc
+
+    @property
+    def any_upsampled(self) -> bool:
+        return self.upsampled is not None and bool(self.upsampled.any())
 
 
 def from_images_file(
@@ -124,6 +142,7 @@ def from_images_file(
     encoder_size: int,
     *,
     image_root: str | Path | None = None,
+    allow_upsampled: bool = False,
 ) -> Sources:
     """The selected images of an images file (and their rows of ``features_path``, when given)."""
     path = Path(images_path)
@@ -138,22 +157,24 @@ def from_images_file(
         labels_all = np.asarray(f[hdf5.LABELS][:], dtype=np.int64)
         idx = selection.choose(labels_all, lambda: hdf5.read_strings(f[hdf5.PATHS]), str(path))
         show = hdf5.read_rows(f[hdf5.IMAGES], idx)
-        labels = labels_all[idx]
         paths = [_str(f[hdf5.PATHS][i]) for i in idx]
         factors, factor_names = read_factors(f, idx)
     features = read_features(features_path, idx, attrs) if features_path else None
 
+    def crops() -> tuple[np.ndarray, np.ndarray]:
+        return encoder_crops(
+            path,
+            attrs,
+            show,
+            paths,
+            idx,
+            encoder_size,
+            image_root=image_root,
+            allow_upsampled=allow_upsampled,
+        )
+
     names = [f"{i}" for i in idx]
-    return Sources(
-        show,
-        names,
-        labels,
-        factors,
-        factor_names,
-        features,
-        idx,
-        lambda: encoder_crops(show, paths, encoder_size, image_root),
-    )
+    return Sources(show, names, labels_all[idx], factors, factor_names, features, idx, crops)
 
 
 def from_dataset(spec: str, split: str, selection: Selection, image_size: int, encoder_size: int) -> Sources:
@@ -179,7 +200,7 @@ def from_dataset(spec: str, split: str, selection: Selection, image_size: int, e
         {k: np.asarray(v) for k, v in factors.items()},
         factor_names_of(source),
         indices=idx,
-        crops=lambda: enc_arr,
+        crops=lambda: (enc_arr, np.zeros(len(idx), bool)),
     )
 
 
@@ -243,25 +264,101 @@ def _short_name(key: str) -> str:
 
 
 def encoder_crops(
-    show: np.ndarray, paths: Sequence[str], encoder_size: int, image_root: str | Path | None = None
-) -> np.ndarray:
-    """uint8 [N, E, E, 3]: each original's centre crop at E when its recorded path is readable (under
-    ``image_root``), else the stored crop resized to E."""
+    images_path: Path,
+    attrs: dict[str, Any],
+    show: np.ndarray,
+    paths: Sequence[str],
+    idx: Sequence[int],
+    encoder_size: int,
+    *,
+    image_root: str | Path | None = None,
+    allow_upsampled: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 [N, E, E, 3] crops of the originals, bool [N] "stored crop upsampled instead")."""
+    if show.shape[1] == encoder_size:  # extraction cropped the same original at the same size
+        return show, np.zeros(len(show), bool)
+    find = original_finder(attrs, image_root)
+    out, upsampled = [], []
+    for crop, key, i in zip(show, paths, idx):
+        try:
+            original = find(key)
+            check_same_image(original, crop, key)
+            out.append(center_crop_arr(original, encoder_size))
+            upsampled.append(False)
+        except (OSError, ValueError) as err:
+            if not allow_upsampled:
+                raise SourceImageError(
+                    f"{images_path}: image {i} ({key!r}) is needed at the encoder's {encoder_size} px "
+                    f"input, cropped from its original as extraction did (the file stores {show.shape[1]} px "
+                    f"crops), but {err}. Pass --image-root FOLDER (the folder the images file's paths "
+                    "are relative to), or --allow-upsampled-crops to upsample the stored "
+                    f"{show.shape[1]} px crop instead (the CSV and the figure then say so)"
+                ) from err
+            out.append(center_crop_arr(Image.fromarray(crop), encoder_size))
+            upsampled.append(True)
+    return np.stack(out), np.asarray(upsampled, bool)
+
+
+def original_finder(attrs: dict[str, Any], image_root: str | Path | None) -> Callable[[str], Image.Image]:
+    """``key -> original image`` for an images file: under ``image_root``, else under its recorded folder
+    (``root``), else regenerated from its registered dataset (``shapes``, ``photos``)."""
     from rcdm.data import decode_image
 
-    enc = []
-    for im, p in zip(show, paths):
-        file = Path(image_root) / p if image_root else Path(p)
-        try:
+    root = image_root or attrs.get("root") or None
+    if root:
+        where = "--image-root" if image_root else "the folder the images file records (attribute root)"
+
+        def from_folder(key: str) -> Image.Image:
+            file = Path(root) / key
             if not file.is_file():
-                raise OSError(str(file))
-            enc.append(center_crop_arr(decode_image(file), encoder_size))
-        except (OSError, ValueError):
-            enc.append(_resize_uint8(im, encoder_size))
-    return np.stack(enc)
+                raise FileNotFoundError(f"it is not at {file} (looked under {where})")
+            return decode_image(file)
+
+        return from_folder
+    try:
+        return _dataset_finder(attrs)
+    except (OSError, ValueError) as err:
+        reason = (
+            "the images file records no folder its paths are relative to (attribute root), and its dataset "
+            f"{attrs.get('dataset')!r} cannot be regenerated ({err})"
+        )
+
+    def nowhere(key: str) -> Image.Image:
+        raise FileNotFoundError(reason)
+
+    return nowhere
 
 
-def _resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
-    if image.shape[0] == size:
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+def _dataset_finder(attrs: dict[str, Any]) -> Callable[[str], Image.Image]:
+    """Originals of a registered dataset, regenerated from the settings the images file records."""
+    from rcdm.data import open_dataset
+
+    requested = int(attrs.get("num_images_requested", -1))
+    source = open_dataset(
+        attrs["dataset"],
+        attrs.get("split") or "train",
+        None if requested < 0 else requested,
+        int(attrs.get("selection_seed", 0)),
+        int(attrs.get("native_size", 64)),
+    )
+    keys = {source.key(i): i for i in range(len(source))}
+
+    def from_dataset(key: str) -> Image.Image:
+        if key not in keys:
+            raise FileNotFoundError(
+                f"dataset {attrs['dataset']!r} regenerated from its settings has no {key!r}"
+            )
+        return source.load(keys[key])
+
+    return from_dataset
+
+
+def check_same_image(original: Image.Image, crop: np.ndarray, key: str) -> None:
+    """ValueError unless ``original`` cropped at the stored size gives the stored ``crop`` (to tolerance)."""
+    again = center_crop_arr(original, crop.shape[0]).astype(np.int16)
+    diff = float(np.abs(again - crop.astype(np.int16)).mean()) if again.shape == crop.shape else float("inf")
+    if diff > SAME_IMAGE_TOLERANCE:
+        raise ValueError(
+            f"the original found for {key!r} is not the stored image (its crop differs by {diff:.1f} grey "
+            "levels on average)"
+        )

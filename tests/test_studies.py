@@ -474,6 +474,92 @@ def test_study_images_drawn_from_every_class(assets, class_folder, tmp_path):
         draw(image_names="class_3/missing.png")
 
 
+def _extract(assets, out: Path, dataset: str, *extra: str) -> dict[str, Path]:
+    """Images (16 px) and trunk features of ``dataset`` with the small encoder at a 32 px input: the encoder's
+    crop is not the stored one, so the studies that re-encode need the originals."""
+    paths = {"images": out / "images.h5", "trunk": out / "trunk.h5"}
+    main(
+        ["extract", "--dataset", dataset, "--split", "val", "--image-size", str(SIZE), "--input-size", "32",
+         "--images-out", str(paths["images"]), "--encoder", "small", "--encoder-checkpoint",
+         str(assets["enc"]), "--features-out", f"trunk={paths['trunk']}", "--workers", "0", "--device", "cpu",
+         "--no-progress", *extra]
+    )  # fmt: skip
+    return paths
+
+
+def test_encoder_crops_come_from_the_originals_or_fail(assets, tmp_path):
+    """No silent substitution: the encoder-size crop is the original's (recorded folder, --image-root, or a
+    regenerated dataset); otherwise an error naming the image and the settings, unless
+    --allow-upsampled-crops, which the CSV then records."""
+    from rcdm.data import decode_image
+    from rcdm.preprocess import center_crop_arr
+    from rcdm.shapes import ShapesSource
+    from rcdm.study_images import SourceImageError
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for j in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(folder / f"im{j}.png")
+    files = _extract(assets, tmp_path, str(folder))
+    originals = {f"im{j}.png": center_crop_arr(decode_image(folder / f"im{j}.png"), 32) for j in range(3)}
+
+    def sources(**kw):
+        return common.load_sources(
+            _source_args(files["images"], files["trunk"], num_images=3, **kw), SIZE, 32
+        )
+
+    src = sources()  # the folder the images file records
+    with h5py.File(files["images"]) as f:
+        keys = [f["paths"].asstr()[i] for i in src.indices]
+    assert all(np.array_equal(src.enc[i], originals[key]) for i, key in enumerate(keys))
+    assert not src.any_upsampled
+
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    with pytest.raises(
+        SourceImageError, match=r"image \d \('im\d\.png'\).*--image-root.*--allow-upsampled-crops"
+    ):
+        _ = sources().enc
+    src = sources(image_root=str(moved))
+    assert all(np.array_equal(src.enc[i], originals[key]) for i, key in enumerate(keys))
+    other = tmp_path / "other"  # same names, other pictures: found, but not the stored images
+    other.mkdir()
+    for j in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(other / f"im{j}.png")
+    with pytest.raises(SourceImageError, match="not the stored image"):
+        _ = sources(image_root=str(other)).enc
+    src = sources(allow_upsampled_crops=True)
+    assert src.enc.shape == (3, 32, 32, 3) and src.upsampled.all()  # read on first use of enc
+
+    out = tmp_path / "aug"
+    args = [*_common(assets, out)[:-2], "--images", str(files["images"]), "--features", str(files["trunk"]),
+            "--augmentations", "flip", "--samples", "1", "--num-images", "2", "--out", str(out)]  # fmt: skip
+    with pytest.raises(SourceImageError, match="--image-root"):
+        main(["study", "augment", *args])
+    assert not (out / "augment.csv").exists()
+    assert main(["study", "augment", *args, "--image-root", str(moved)]) == 0
+    assert {r["encoder_input"] for r in _read_csv(out / "augment.csv")} == {"original"}
+    assert main(["study", "augment", *args, "--allow-upsampled-crops"]) == 0
+    assert {r["encoder_input"] for r in _read_csv(out / "augment.csv")} == {"upsampled stored crop"}
+    out = tmp_path / "adv"
+    args = [*args[: args.index("--augmentations")], "--samples", "1", "--num-images", "2", "--out", str(out)]
+    assert main(["study", "adversarial", *args, "--allow-upsampled-crops", "--pgd-steps", "2"]) == 0
+    assert {r["encoder_input"] for r in _read_csv(out / "adversarial.csv")} == {"upsampled stored crop"}
+
+    # a generated dataset (shapes) is regenerated from the settings the images file records
+    shapes = tmp_path / "shapes"
+    shapes.mkdir()
+    files = _extract(assets, shapes, "shapes", "--num-images", "5", "--native-size", "32", "--seed", "3")
+    src = common.load_sources(_source_args(files["images"], files["trunk"], num_images=3), SIZE, 32)
+    regenerated = ShapesSource("val", 5, seed=3, size=32)
+    assert all(
+        np.array_equal(src.enc[i], center_crop_arr(regenerated.load(j), 32))
+        for i, j in enumerate(src.indices)
+    )
+    assert not src.any_upsampled
+
+
 def _source_args(images, features, **kw):
     import argparse
 

@@ -7,7 +7,8 @@ of ``x + delta`` and that of ``x``, with ``|delta|_inf <= eps`` in [0, 1] pixel 
 signed-gradient steps of ``--pgd-step`` (default 2.5 * eps / steps). The cosine distance is scale free, so the
 numbers compare across encoders and layers. A random sign perturbation of the same size is the baseline.
 ``x`` is the original's centre crop at the encoder's own input size (what extraction encoded), so no resize
-sits in the gradient path.
+sits in the gradient path; without the original the study stops (see ``--image-root``), unless
+``--allow-upsampled-crops``, and the ``encoder_input`` column says which the encoder saw.
 
 Samples from the clean and the perturbed representation share their noise; agreement is measured in pixels
 (mean absolute difference, [0, 1] units), in representation space (cosine similarity of the two samples'
@@ -207,6 +208,7 @@ def _rows(args: argparse.Namespace, ctx: common.StudyContext, x, adv, res: Outco
             "sample_rep_cos_sim": float(rep_agree[i].mean()),
             "sample_cos_dist_clean_rep": float(cosine_distance(res.e_clean[b], res.f_clean[i]).mean()),
             "sample_cos_dist_adv_rep": float(cosine_distance(res.e_adv[b], res.f_clean[i]).mean()),
+            "encoder_input": common.encoder_input_label(src, i),
         }
         for name, agree in (res.probe_agree or {}).items():
             row[f"probe_agree_{name}"] = float(agree[b].float().mean())

@@ -13,7 +13,8 @@ strongest setting of the usual SimCLR/BYOL/DINO recipes), deterministically from
 - ``flip``: horizontal flip (strength ignored: only s = 1 is run).
 
 The augmentations act on each original's centre crop at the encoder's input size (what extraction encoded),
-and the result goes to the encoder as it is, with no resize.
+and the result goes to the encoder as it is, with no resize. Without the original (see ``--image-root``) the
+study stops, unless ``--allow-upsampled-crops``; the ``encoder_input`` column says which the encoder saw.
 
 Numbers per image, augmentation and strength: representation distance to the clean image's (cosine distance
 and relative L2), the samples' mean cosine distance to the clean representation, the pixel spread of the
@@ -149,6 +150,7 @@ def _rows(ctx: common.StudyContext, conditions, feats: torch.Tensor, samples: to
                 "rep_rel_l2": float(relative_l2(feats[i, a], clean)),
                 "sample_cos_dist_clean_rep": float(cosine_distance(emb[i, a], clean).mean()),
                 "sample_pixel_spread": spread((samples.view(n, c, k, -1)[i, a] + 1) / 2),
+                "encoder_input": common.encoder_input_label(src, i),
             }
             if keep is not None:
                 for name, frac in keep.items():

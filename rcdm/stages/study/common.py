@@ -32,6 +32,7 @@ from rcdm.study_images import Selection, Sources, from_dataset, from_images_file
 from rcdm.study_sampling import SamplingSettings, fixed_noise, sample_images
 
 SAMPLERS = ("ddim", "ddpm", "dpm-solver++")
+UPSAMPLED_NOTE = "ENCODER INPUT: stored crops upsampled (--allow-upsampled-crops)"
 
 # ------------------------------------------------------------------------------------------------ options
 
@@ -73,8 +74,14 @@ def add_source_arguments(parser: argparse.ArgumentParser, *, dataset_default: st
     g.add_argument(
         "--image-root",
         default=None,
-        help="folder the images file's recorded paths are relative to: the encoder then sees the original's "
-        "centre crop, as in extraction (else the stored crop, resized)",
+        help="folder the images file's recorded paths are relative to (default: the folder it records): "
+        "the encoder sees each original's centre crop at its input size, as in extraction",
+    )
+    g.add_argument(
+        "--allow-upsampled-crops",
+        action="store_true",
+        help="when an original cannot be found, upsample the stored crop to the encoder's size instead of "
+        "failing (recorded in the CSV and the figure)",
     )
     g.add_argument(
         "--num-images",
@@ -236,10 +243,16 @@ def load_sources(args: argparse.Namespace, image_size: int, encoder_size: int) -
             image_size,
             encoder_size,
             image_root=args.image_root,
+            allow_upsampled=getattr(args, "allow_upsampled_crops", False),
         )
     if args.dataset:
         return from_dataset(args.dataset, args.split, selection_of(args), image_size, encoder_size)
     raise ValueError("give the conditioning images: --images FILE.h5 or --dataset photos|shapes|FOLDER")
+
+
+def encoder_input_label(sources: Sources, i: int) -> str:
+    """CSV value saying what the encoder saw for image ``i``: its original's crop or the upsampled one."""
+    return "upsampled stored crop" if sources.upsampled is not None and sources.upsampled[i] else "original"
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -368,7 +381,8 @@ class StudyContext:
     def describe(self) -> str:
         s = self.settings
         steps = "" if s.steps is None else f" {s.steps} steps"
-        return f"{self.encoder.encoder_name} {self.encoder.layer}, {s.sampler}{steps}"
+        note = f"; {UPSAMPLED_NOTE}" if self.sources.any_upsampled else ""
+        return f"{self.encoder.encoder_name} {self.encoder.layer}, {s.sampler}{steps}{note}"
 
     def clean_features(self) -> torch.Tensor:
         """Clean representations [N, D] (CPU): from the features file when given, else encoded here from

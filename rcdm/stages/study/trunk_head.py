@@ -123,5 +123,6 @@ def _figure(args, ctx: common.StudyContext, s_trunk, s_head, rows: list[dict]):
         for i in range(n)
     ]
     cols = ["input", *[f"trunk {j + 1}" for j in range(k)], *[f"head {j + 1}" for j in range(k)]]
-    title = f"Trunk vs head ({args.encoder}, {ctx.settings.sampler}), same noise per column pair"
+    note = f"; {common.UPSAMPLED_NOTE}" if src.any_upsampled else ""
+    title = f"Trunk vs head ({args.encoder}, {ctx.settings.sampler}{note}), same noise per column pair"
     return labelled_table(fig_rows, labels, cols, title)
