@@ -57,6 +57,14 @@ def write_config(tmp_path: Path, base: str, **changes) -> Path:
         ({"colour": "red"}, "colour"),  # unknown top-level key
         ({"resources.train": {"gpus": 2}}, "gpus"),  # unknown resource name
         ({"data.val.source": "imagenet"}, "source"),  # not one of the allowed values
+        # checks of names and of keys that depend on other keys (propertyNames, if/then in the schema)
+        ({"data.ood.val": {"source": "photos"}}, "['data']['ood']"),  # a reserved name
+        ({"data.ood.my-set": {"source": "photos"}}, "my-set"),  # not letters, digits, '_'
+        ({"data.val": {"source": "folder"}}, "['data']['val']['path']"),  # a folder without its path
+        ({"encoders.my-enc": {"source": "pretrain"}}, "my-enc"),
+        ({"encoders.mine": {"source": "custom", "file": "m.pt"}}, "['encoders']['mine']['factory']"),
+        ({"encoders.mine": {"source": "custom", "factory": "m.py", "file": "m.pt"}}, "['encoders']['mine']"),
+        ({"encoders.mocov3": {"source": "published"}}, "['encoders']['mocov3']['source']"),  # not registered
     ],
 )
 def test_bad_config_is_an_error_naming_the_key(tmp_path, change, named):
@@ -67,6 +75,16 @@ def test_bad_config_is_an_error_naming_the_key(tmp_path, change, named):
     assert "Error validating config file" in err
     assert named in err
     assert not (tmp_path / "results").exists()  # nothing ran
+
+
+def test_schema_knows_the_published_encoders():
+    """The schema's list of names that may be `source: published` is the weight registry's encoders."""
+    from rcdm.weights import REGISTRY
+
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    (pattern,) = schema["properties"]["encoders"]["patternProperties"]
+    listed = re.fullmatch(r"\^\(\?!\((.*)\)\$\)", pattern)[1].split("|")
+    assert sorted(listed) == sorted(name for name, w in REGISTRY.items() if w.kind == "encoder")
 
 
 def test_schema_fills_defaults(tmp_path):
@@ -210,7 +228,7 @@ def test_micro_logs_benchmarks_and_rerun(micro_run):
     bench = work / "benchmarks" / exp / "train" / "demo" / "trunk.tsv"
     assert bench.read_text().startswith("s\t")
     # training checkpoints are kept outside the declared outputs, for resuming
-    assert list((res / "checkpoints" / "demo" / "trunk").glob("*/ckpt_*.pt"))
+    assert list((res / "checkpoints" / "demo" / "trunk").rglob("ckpt_*.pt"))
     micro = str(ROOT / "config" / "micro.yaml")
     proc = snakemake("-n", "--cores", "2", "--configfile", micro, cwd=work)
     assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr

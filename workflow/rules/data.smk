@@ -7,7 +7,7 @@ for _sharded in (False, True):
         name:
             "extract_images_shard" if _sharded else "extract_images"
         output:
-            temp(part_pattern(images_file("{dataset}"))) if _sharded else images_file("{dataset}"),
+            temp(part_pattern(IMAGES)) if _sharded else IMAGES,
         log:
             f"{LOGS}/extract_images/{{dataset}}" + (".{shard}-of-{num}.log" if _sharded else ".log"),
         benchmark:
@@ -16,9 +16,9 @@ for _sharded in (False, True):
             dataset=datasets_regex(_sharded),
         params:
             data=lambda wc: dataset_args(wc.dataset),
-            out=lambda wc: opts(image_size=config["data"]["image_size"], images_out=images_file(wc.dataset)),
+            out=lambda wc: opts(image_size=config["data"]["image_size"], images_out=IMAGES.format(**wc)),
             shard=shard_args if _sharded else "",
-            run=extract_run_opts(),
+            run=EXTRACT_RUN,
         threads: rule_threads("extract_images")
         resources:
             **rule_resources("extract_images"),
@@ -28,9 +28,9 @@ for _sharded in (False, True):
 
 rule merge_images:
     input:
-        lambda wc: part_files(images_file(wc.dataset), extract_shards(wc.dataset)),
+        lambda wc: part_files(IMAGES.format(**wc), extract_shards(wc.dataset)),
     output:
-        images_file("{dataset}"),
+        IMAGES,
     log:
         f"{LOGS}/merge_images/{{dataset}}.log",
     benchmark:

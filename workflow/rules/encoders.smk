@@ -4,10 +4,10 @@
 
 rule pretrain:
     input:
-        images=images_file("train"),
-        probe=images_file("val"),
+        images=IMAGES.format(dataset="train"),
+        probe=IMAGES.format(dataset="val"),
     output:
-        encoder=f"{R}/encoders/{{encoder}}/encoder.pt",
+        encoder=ENCODER,
         losses=f"{R}/encoders/{{encoder}}/encoder.csv",
     log:
         f"{LOGS}/pretrain/{{encoder}}.log",

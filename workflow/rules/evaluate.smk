@@ -4,9 +4,13 @@
 
 rule evaluate:
     input:
-        unpack(evaluate_inputs),
+        samples=f"{SAMPLES}/samples.npz".format(encoder="{encoder}", layer="{layer}", dataset="val"),
+        features=FEATURES.format(encoder="{encoder}", dataset="val", layer="{layer}"),
+        encoder=lambda wc: encoder_file(wc.encoder),
+        reference=IMAGES.format(dataset="val"),
+        inception=weight_file("inception") if config["evaluate"]["require_fid"] else [],
     output:
-        metrics_file("{encoder}", "{layer}"),
+        METRICS,
     log:
         f"{LOGS}/evaluate/{{encoder}}/{{layer}}.log",
     benchmark:
@@ -16,9 +20,12 @@ rule evaluate:
             run_id=f"{wc.encoder}-{wc.layer}-{config['sample']['sampler']}{config['sample']['steps']}",
             dataset=f"{config['experiment']}:val",
         ),
-        encoder=lambda wc: f"{encoder_args(wc.encoder)} {trust_flag('--trust-encoder')} "
-        f"--layer {wc.layer}",
-        opts=evaluate_opts(),
+        encoder=lambda wc: f"{encoder_args(wc.encoder)} {trust_flag('--trust-encoder')} --layer {wc.layer}",
+        opts=opts(
+            weights_dir=WEIGHTS,
+            **{k: config["evaluate"][k] for k in ("n_reference", "n_fid", "rank_metric", "precision_recall")},
+            **{k: config["evaluate"][k] for k in ("batch_size", "workers")},
+        ),
         device=device_opt(),
         extra=extra("evaluate"),
     threads: rule_threads("evaluate")
@@ -32,20 +39,20 @@ rule evaluate:
 rule tradeoff:
     """Sampler speed versus quality on a subset of val: FD_rep and MRR against the number of UNet evaluations."""
     input:
-        checkpoint=ema_file("{encoder}", "{layer}"),
-        flags=f"{model_dir('{encoder}', '{layer}')}/model_flags.json",
-        features=features_file("{encoder}", "val", "{layer}"),
-        images=images_file("val"),
+        checkpoint=EMA,
+        flags=f"{MODEL}/model_flags.json",
+        features=FEATURES.format(encoder="{encoder}", dataset="val", layer="{layer}"),
+        images=IMAGES.format(dataset="val"),
         encoder=lambda wc: encoder_file(wc.encoder),
     output:
-        table=f"{tradeoff_dir('{encoder}', '{layer}')}/tradeoff.csv",
+        table=f"{TRADEOFF}/tradeoff.csv",
         plot=report(
-            f"{tradeoff_dir('{encoder}', '{layer}')}/tradeoff.png",
+            f"{TRADEOFF}/tradeoff.png",
             caption="../report/tradeoff.rst",
             category="Speed versus quality",
             labels={"encoder": "{encoder}", "layer": "{layer}"},
         ),
-        pick=f"{tradeoff_dir('{encoder}', '{layer}')}/recommended.json",
+        pick=f"{TRADEOFF}/recommended.json",
     log:
         f"{LOGS}/tradeoff/{{encoder}}/{{layer}}.log",
     benchmark:
@@ -53,7 +60,15 @@ rule tradeoff:
     params:
         out=lambda wc, output: Path(output.table).parent,
         encoder=lambda wc: encoder_args(wc.encoder),
-        opts=tradeoff_opts(),
+        opts=" ".join(
+            [
+                opts(**{k: config["tradeoff"][k] for k in ("samplers", "steps", "num_cond", "batch_size")}),
+                opts(seed=config["seed"]),
+                trust_flag(),
+                device_opt(),
+                config["tradeoff"]["extra_args"],
+            ]
+        ),
     threads: rule_threads("tradeoff")
     resources:
         **rule_resources("tradeoff"),

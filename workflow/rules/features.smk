@@ -4,13 +4,13 @@
 
 for _encoder, _spec in ENCODERS.items():
     for _sharded in (False, True):
-        _outputs = {layer: features_file(_encoder, "{dataset}", layer) for layer in _spec["layers"]}
+        _outputs = {layer: FEATURES.format(encoder=_encoder, dataset="{dataset}", layer=layer) for layer in _spec["layers"]}
 
         rule:
             name:
                 f"extract_features_{_encoder}" + ("_shard" if _sharded else "")
             input:
-                images=images_file("{dataset}"),
+                images=IMAGES,
                 encoder=encoder_file(_encoder),
             output:
                 **({k: temp(part_pattern(v)) for k, v in _outputs.items()} if _sharded else _outputs),
@@ -23,9 +23,11 @@ for _encoder, _spec in ENCODERS.items():
             params:
                 data=lambda wc: dataset_args(wc.dataset),
                 encoder=f"{encoder_args(_encoder)} {trust_flag('--trust-encoder')} {opts(dtype=config['extract']['feature_dtype'])}",
-                out=features_out(_encoder, _spec["layers"]),
+                out=lambda wc, _encoder=_encoder, _layers=_spec["layers"]: opts(
+                    features_out=[f"{l}={FEATURES.format(encoder=_encoder, dataset=wc.dataset, layer=l)}" for l in _layers]
+                ),
                 shard=shard_args if _sharded else "",
-                run=extract_run_opts(),
+                run=EXTRACT_RUN,
             threads: rule_threads("extract_features")
             resources:
                 **rule_resources("extract_features"),
@@ -35,10 +37,10 @@ for _encoder, _spec in ENCODERS.items():
 
 rule merge_features:
     input:
-        parts=lambda wc: part_files(features_file(wc.encoder, wc.dataset, wc.layer), extract_shards(wc.dataset)),
-        images=images_file("{dataset}"),
+        parts=lambda wc: part_files(FEATURES.format(**wc), extract_shards(wc.dataset)),
+        images=IMAGES,
     output:
-        features_file("{encoder}", "{dataset}", "{layer}"),
+        FEATURES,
     log:
         f"{LOGS}/merge_features/{{encoder}}/{{dataset}}.{{layer}}.log",
     benchmark:

@@ -1,11 +1,20 @@
 # The paper's studies (issue 7): each writes <study>.png (shown in the report), <study>.csv (its numbers) and,
 # last, <study>.json (its settings) per model, on the val images (ood: on each OOD set).
 STUDY_NAMES = "conditioned|ood|augment|adversarial|interpolate|manipulate"
+TRUNK_HEAD = STUDY.format(encoder="{encoder}", layer="both", dataset="{dataset}", study="trunk-head")
+PROBE = STUDIES["probe"] and config["data"]["train"]["source"] == "shapes"  # the shapes factor probe
+STUDY_OPTS = " ".join(
+    [
+        opts(**{k: STUDIES[k] for k in ("num_images", "samples", "sampler", "steps", "batch_size")}, seed=config["seed"]),
+        trust_flag(),
+        device_opt(),
+    ]
+)
 
 
 rule study_probe:
     input:
-        images=images_file("train"),
+        images=IMAGES.format(dataset="train"),
     output:
         probe=f"{R}/studies/probe/probe.pt",
         csv=f"{R}/studies/probe/probe.csv",
@@ -25,22 +34,22 @@ rule study_probe:
 
 rule study:
     input:
-        checkpoint=ema_file("{encoder}", "{layer}"),
-        flags=f"{model_dir('{encoder}', '{layer}')}/model_flags.json",
+        checkpoint=EMA,
+        flags=f"{MODEL}/model_flags.json",
         encoder=lambda wc: encoder_file(wc.encoder),
-        images=images_file("{dataset}"),
-        features=features_file("{encoder}", "{dataset}", "{layer}"),
-        probe=rules.study_probe.output.probe if probe_enabled() else [],
+        images=IMAGES,
+        features=FEATURES,
+        probe=rules.study_probe.output.probe if PROBE else [],
     output:
-        record=f"{study_dir('{encoder}', '{layer}', '{dataset}', '{study}')}/{{study}}.json",
+        record=f"{STUDY}/{{study}}.json",
         figure=report(
-            f"{study_dir('{encoder}', '{layer}', '{dataset}', '{study}')}/{{study}}.png",
+            f"{STUDY}/{{study}}.png",
             caption="../report/study.rst",
             category="Studies",
             subcategory="{study}",
             labels={"study": "{study}", "encoder": "{encoder}", "layer": "{layer}", "images": "{dataset}"},
         ),
-        numbers=f"{study_dir('{encoder}', '{layer}', '{dataset}', '{study}')}/{{study}}.csv",
+        numbers=f"{STUDY}/{{study}}.csv",
     log:
         f"{LOGS}/study/{{encoder}}/{{layer}}/{{dataset}}/{{study}}.log",
     benchmark:
@@ -48,10 +57,10 @@ rule study:
     wildcard_constraints:
         study=STUDY_NAMES,
     params:
-        out=lambda wc: study_dir(wc.encoder, wc.layer, wc.dataset, wc.study),
+        out=lambda wc: STUDY.format(**wc),
         encoder=lambda wc: encoder_args(wc.encoder),
         probe=lambda wc, input: opts(probe=input.probe or None),
-        opts=lambda wc: study_opts(wc.study),
+        opts=lambda wc: " ".join([STUDY_OPTS, STUDIES["extra_args"].get(wc.study, "")]),
     threads: rule_threads("study")
     resources:
         **rule_resources("study"),
@@ -63,34 +72,34 @@ rule study:
 
 rule study_trunk_head:
     input:
-        checkpoint=ema_file("{encoder}", "trunk"),
-        flags=f"{model_dir('{encoder}', 'trunk')}/model_flags.json",
-        head_checkpoint=ema_file("{encoder}", "head"),
-        head_flags=f"{model_dir('{encoder}', 'head')}/model_flags.json",
+        checkpoint=EMA.format(encoder="{encoder}", layer="trunk"),
+        flags=f"{MODEL}/model_flags.json".format(encoder="{encoder}", layer="trunk"),
+        head_checkpoint=EMA.format(encoder="{encoder}", layer="head"),
+        head_flags=f"{MODEL}/model_flags.json".format(encoder="{encoder}", layer="head"),
         encoder=lambda wc: encoder_file(wc.encoder),
-        images=images_file("{dataset}"),
-        features=features_file("{encoder}", "{dataset}", "trunk"),
-        head_features=features_file("{encoder}", "{dataset}", "head"),
-        probe=rules.study_probe.output.probe if probe_enabled() else [],
+        images=IMAGES,
+        features=FEATURES.format(encoder="{encoder}", dataset="{dataset}", layer="trunk"),
+        head_features=FEATURES.format(encoder="{encoder}", dataset="{dataset}", layer="head"),
+        probe=rules.study_probe.output.probe if PROBE else [],
     output:
-        record=f"{study_dir('{encoder}', 'both', '{dataset}', 'trunk-head')}/trunk-head.json",
+        record=f"{TRUNK_HEAD}/trunk-head.json",
         figure=report(
-            f"{study_dir('{encoder}', 'both', '{dataset}', 'trunk-head')}/trunk-head.png",
+            f"{TRUNK_HEAD}/trunk-head.png",
             caption="../report/study.rst",
             category="Studies",
             subcategory="trunk-head",
             labels={"study": "trunk-head", "encoder": "{encoder}", "layer": "trunk vs head", "images": "{dataset}"},
         ),
-        numbers=f"{study_dir('{encoder}', 'both', '{dataset}', 'trunk-head')}/trunk-head.csv",
+        numbers=f"{TRUNK_HEAD}/trunk-head.csv",
     log:
         f"{LOGS}/study/{{encoder}}/both/{{dataset}}/trunk-head.log",
     benchmark:
         f"{BENCH}/study/{{encoder}}/both/{{dataset}}/trunk-head.tsv"
     params:
-        out=lambda wc: study_dir(wc.encoder, "both", wc.dataset, "trunk-head"),
+        out=lambda wc: TRUNK_HEAD.format(**wc),
         encoder=lambda wc: encoder_args(wc.encoder),
         probe=lambda wc, input: opts(probe=input.probe or None),
-        opts=study_opts("trunk-head"),
+        opts=" ".join([STUDY_OPTS, STUDIES["extra_args"].get("trunk-head", "")]),
     threads: rule_threads("study")
     resources:
         **rule_resources("study"),

@@ -1,22 +1,36 @@
 # Samples conditioned on the representations of a dataset's images (val for the metrics, the OOD sets for their
 # grids), sharded over conditionings, then merged into samples.npz (ADM evaluation format) and a PNG grid.
 
+# (conditionings, samples each) and sampling jobs per dataset: val has the metrics' settings, sample.shards
+# jobs; the OOD sets the grids' settings, one job each
+SAMPLE_COUNTS = {name: (config["ood"]["num_images"], config["ood"]["samples_per_image"]) for name in config["data"]["ood"]}
+SAMPLE_COUNTS["val"] = (config["sample"]["num_conditionings"], config["sample"]["samples_per_image"])
+SAMPLE_SHARDS = {name: 1 for name in config["data"]["ood"]} | {"val": config["sample"]["shards"]}
+
 
 rule sample:
     input:
-        checkpoint=ema_file("{encoder}", "{layer}"),
+        checkpoint=EMA,
         flags=rules.run_flags.output[0],
-        features=features_file("{encoder}", "{dataset}", "{layer}"),
+        features=FEATURES,
     output:
-        part_pattern(samples_h5("{encoder}", "{layer}", "{dataset}")),
+        part_pattern(f"{SAMPLES}/samples.h5"),
     log:
         f"{LOGS}/sample/{{encoder}}/{{layer}}/{{dataset}}.{{shard}}-of-{{num}}.log",
     benchmark:
         f"{BENCH}/sample/{{encoder}}/{{layer}}/{{dataset}}.{{shard}}-of-{{num}}.tsv"
     params:
-        out=lambda wc: opts(out=samples_h5(wc.encoder, wc.layer, wc.dataset)),
+        out=lambda wc: opts(out=f"{SAMPLES}/samples.h5".format(**wc)),
         shard=shard_args,
-        opts=lambda wc: sample_opts(wc.dataset),
+        opts=lambda wc: opts(
+            num_images=SAMPLE_COUNTS[wc.dataset][0],
+            subset_seed=config["seed"],
+            samples_per_image=SAMPLE_COUNTS[wc.dataset][1],
+            **{k: config["sample"][k] for k in ("sampler", "steps", "eta")},
+            no_clip=not config["sample"]["clip_denoised"],
+            seed=config["seed"],
+            **{k: config["sample"][k] for k in ("batch_size", "precision")},
+        ),
         trust=trust_flag(),
         device=device_opt(),
         extra=extra("sample"),
@@ -31,12 +45,12 @@ rule sample:
 
 rule merge_samples:
     input:
-        shards=lambda wc: part_files(samples_h5(wc.encoder, wc.layer, wc.dataset), sample_shards(wc.dataset)),
-        images=images_file("{dataset}"),
+        shards=lambda wc: part_files(f"{SAMPLES}/samples.h5".format(**wc), SAMPLE_SHARDS[wc.dataset]),
+        images=IMAGES,
     output:
-        npz=samples_npz("{encoder}", "{layer}", "{dataset}"),
+        npz=f"{SAMPLES}/samples.npz",
         grid=report(
-            f"{R}/samples/{{encoder}}/{{layer}}/{{dataset}}/grid.png",
+            f"{SAMPLES}/grid.png",
             caption="../report/grid.rst",
             category="Samples",
             subcategory="{dataset}",
@@ -47,10 +61,8 @@ rule merge_samples:
     benchmark:
         f"{BENCH}/merge_samples/{{encoder}}/{{layer}}/{{dataset}}.tsv"
     params:
-        input=lambda wc: opts(
-            input=samples_h5(wc.encoder, wc.layer, wc.dataset), num_shards=sample_shards(wc.dataset)
-        ),
-        grid=lambda wc: opts(grid_rows=config["sample"]["grid_images"], grid_cols=min(8, sample_counts(wc.dataset)[1])),
+        input=lambda wc: opts(input=f"{SAMPLES}/samples.h5".format(**wc), num_shards=SAMPLE_SHARDS[wc.dataset]),
+        grid=lambda wc: opts(grid_rows=config["sample"]["grid_images"], grid_cols=min(8, SAMPLE_COUNTS[wc.dataset][1])),
     threads: rule_threads("merge_samples")
     resources:
         **rule_resources("merge_samples"),

@@ -3,7 +3,7 @@
 
 rule tabulate:
     input:
-        [metrics_file(encoder, layer) for encoder, layer in runs()],
+        [METRICS.format(encoder=encoder, layer=layer) for encoder, layer in RUNS],
     output:
         all=f"{R}/tables/metrics_all.csv",
         table=report(f"{R}/tables/table1.csv", caption="../report/table.rst", category="Results"),

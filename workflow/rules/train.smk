@@ -2,13 +2,21 @@
 # in checkpoints/ beside the models, outside the declared outputs (Snakemake deletes those before a job runs),
 # so a timed-out, preempted or failed job resumes where it stopped when it runs again (train.retries
 # resubmits it by itself; `rcdm train --resume auto` finds the newest valid checkpoint).
+import hashlib
+import json
+
+MODEL_FLAGS = {**config["model"], "image_size": config["data"]["image_size"]}
+# One checkpoint folder per model configuration: a rerun with the same flags resumes, changed flags start
+# afresh (old checkpoints stay until deleted).
+CHECKPOINTS = f"{R}/checkpoints/{{encoder}}/{{layer}}/"
+CHECKPOINTS += hashlib.sha256(json.dumps(MODEL_FLAGS, sort_keys=True).encode()).hexdigest()[:12]
 
 
 rule model_flags:
     output:
         f"{R}/model_flags.json",
     params:
-        flags={**config["model"], "image_size": config["data"]["image_size"]},
+        flags=MODEL_FLAGS,
     log:
         f"{LOGS}/model_flags.log",
     localrule: True
@@ -18,21 +26,33 @@ rule model_flags:
 
 rule train:
     input:
-        images=images_file("train"),
-        features=features_file("{encoder}", "train", "{layer}"),
+        images=IMAGES.format(dataset="train"),
+        features=FEATURES.format(encoder="{encoder}", dataset="train", layer="{layer}"),
         flags=rules.model_flags.output[0],
     output:
-        ema=ema_file("{encoder}", "{layer}"),
-        model=f"{model_dir('{encoder}', '{layer}')}/model_final.pt",
-        summary=f"{model_dir('{encoder}', '{layer}')}/train_summary.json",
+        ema=EMA,
+        model=f"{MODEL}/model_final.pt",
+        summary=f"{MODEL}/train_summary.json",
     log:
         f"{LOGS}/train/{{encoder}}/{{layer}}.log",
     benchmark:
         f"{BENCH}/train/{{encoder}}/{{layer}}.tsv"
     params:
-        launch=train_launcher,
-        out=lambda wc: opts(out=model_dir(wc.encoder, wc.layer), ckpt_dir=checkpoint_dir(wc.encoder, wc.layer)),
-        opts=train_opts(),
+        # `rcdm` for one process; torchrun with one process per GPU when the rule has several GPUs
+        launch=lambda wc, resources: (
+            f"torchrun --standalone --nproc-per-node={resources.gpu} -m rcdm"
+            if int(getattr(resources, "gpu", 0) or 0) > 1
+            else "rcdm"
+        ),
+        out=lambda wc: opts(out=MODEL.format(**wc), ckpt_dir=CHECKPOINTS.format(**wc)),
+        opts=opts(
+            steps=config["train"]["steps"],
+            time_budget=config["train"]["time_budget"] or 0,
+            **{k: config["train"][k] for k in ("batch_size", "microbatch", "lr", "weight_decay")},
+            ema=config["train"]["ema_rates"],
+            **{k: config["train"][k] for k in ("precision", "save_interval", "log_interval", "workers")},
+            seed=config["seed"],
+        ),
         device=device_opt(),
         extra=extra("train"),
     threads: rule_threads("train")
@@ -49,7 +69,7 @@ rule run_flags:
     input:
         rules.train.output.summary,
     output:
-        f"{model_dir('{encoder}', '{layer}')}/model_flags.json",
+        f"{MODEL}/model_flags.json",
     log:
         f"{LOGS}/run_flags/{{encoder}}/{{layer}}.log",
     localrule: True
