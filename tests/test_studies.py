@@ -395,22 +395,72 @@ def test_adversarial(assets, tmp_path):
         assert int(r["class_changed"]) == int(r["class_clean"] != r["class_adv"])
 
 
-def test_manipulate_uses_exact_neighbours(assets, tmp_path):
-    out = tmp_path / "manip"
-    args = _common(assets, out, "--neighbours", "4", "--n-common", "2", "--samples", "1")
+def test_active_threshold():
+    relu = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 0.5]])
+    dense = torch.tensor([[-0.5, 2.0, 1.0], [3.0, -0.1, 0.25], [2.5, 0.2, -0.05]])
+    assert manipulate.active_threshold(relu, "auto") == 0.0  # exact zeros: the published "non-zero"
+    assert manipulate.active_threshold(dense, "auto") == pytest.approx(0.5)  # the median |value|
+    assert manipulate.active_threshold(dense, 0.3) == 0.3
+    with pytest.raises(ValueError, match="no exact zeros.*--layer trunk"):
+        manipulate.active_threshold(dense, 0.0)
+    # the degenerate case it prevents: with threshold 0 every dense dimension is shared
+    assert manipulate.shared_dimensions(dense, 1, 0.0).tolist() == [0, 1, 2]
+    assert manipulate.shared_dimensions(dense, 1, 0.5).tolist() == [0]
+
+
+def _manipulate(assets, out: Path, *extra: str) -> list[dict[str, str]]:
+    args = _common(assets, out, "--neighbours", "4", "--n-common", "2", "--samples", "1", *extra)
     assert main(["study", "manipulate", *args]) == 0
     _check_png(out / "manipulate.png")
     rows = _read_csv(out / "manipulate.csv")
     assert [r["variant"] for r in rows] == ["original", "shared dims zeroed", "shared dims <- target"]
+    assert float(rows[0]["cond_cos_dist_source"]) < 1e-6
+    return rows
+
+
+def _exact_neighbours(feats: torch.Tensor, source: int, among: np.ndarray, k: int) -> list[int]:
+    sims = torch.nn.functional.normalize(feats[among], dim=1) @ torch.nn.functional.normalize(
+        feats[source], dim=0
+    )
+    return [int(among[i]) for i in torch.argsort(sims, descending=True)[:k]]
+
+
+def test_manipulate_uses_exact_neighbours(assets, tmp_path):
     with h5py.File(assets["trunk"]) as f:
         feats = torch.from_numpy(f["features"][:, 0])
+    with h5py.File(assets["images"]) as f:
+        labels = f["labels"][:]
+    # over the whole set
+    rows = _manipulate(assets, tmp_path / "all", "--neighbours-from", "all")
     source = int(rows[0]["source"])  # the image's position in the images file
-    sims = torch.nn.functional.normalize(feats, dim=1) @ torch.nn.functional.normalize(feats[source], dim=0)
-    neigh = torch.argsort(sims, descending=True)[:4]
-    assert rows[0]["neighbour_indices"] == " ".join(str(int(i)) for i in neigh)
-    expected = int(((feats[neigh].abs() > 0).sum(0) > 2).sum())
+    neigh = _exact_neighbours(feats, source, np.arange(len(feats)), 4)
+    assert rows[0]["neighbour_indices"] == " ".join(map(str, neigh)) and rows[0]["neighbours_from"] == "all"
+    threshold = float(rows[0]["active_threshold"])
+    assert threshold == (0.0 if (feats[neigh] == 0).any() else float(feats[neigh].abs().median()))
+    expected = int(((feats[neigh].abs() > threshold).sum(0) > 2).sum())
     assert all(int(r["n_shared_dims"]) == expected for r in rows)
-    assert float(rows[0]["cond_cos_dist_source"]) < 1e-6
+    # by default (as published) within the source image's class
+    rows = _manipulate(assets, tmp_path / "class")
+    source = int(rows[0]["source"])
+    same = np.flatnonzero(labels == labels[source])
+    k = min(4, len(same))
+    assert rows[0]["neighbours_from"] == f"class {labels[source]}" and int(rows[0]["n_neighbours"]) == k
+    assert int(rows[0]["n_common"]) == 2 * k // 4
+    assert rows[0]["neighbour_indices"] == " ".join(map(str, _exact_neighbours(feats, source, same, k)))
+
+
+def test_manipulate_head_threshold(assets, tmp_path):
+    """A head has no exact zeros: auto uses the neighbours' median |value| (not every dim shared); an
+    explicit threshold 0 is refused with a message that says why and what to do."""
+    head = [
+        "--checkpoint", str(assets["rcdm_head"]), "--model-flags", str(assets["flags_head"]),
+        "--layer", "head", "--features", str(assets["head"]), "--neighbours-from", "all",
+    ]  # fmt: skip
+    rows = _manipulate(assets, tmp_path / "head", *head)
+    assert float(rows[0]["active_threshold"]) > 0
+    assert 0 < int(rows[0]["n_shared_dims"]) < int(rows[0]["dim"]) == 8
+    with pytest.raises(ValueError, match="no exact zeros"):
+        _manipulate(assets, tmp_path / "head0", *head, "--active-threshold", "0")
 
 
 def test_trunk_head_and_ood(assets, tmp_path):
