@@ -54,6 +54,7 @@ from rcdm.metrics import (
     rank_mrr,
 )
 from rcdm.preprocess import encoder_view
+from rcdm.subsets import stratified_draw
 
 CACHE_VERSION = 1
 
@@ -109,10 +110,11 @@ class Selection:
 def select_rows(n_total: int, n_pick: int | None, seed: int, labels: np.ndarray | None = None) -> Selection:
     """A seeded subset of ``n_pick`` of ``n_total`` rows (all of them when ``n_pick`` is None or larger).
 
-    With ``labels`` (one per row, -1 = unlabelled) that hold at least one class, the subset is stratified:
-    each label (-1 included, as one group) gets ``n_pick * count / n_total`` rows, floored, and the rows
-    left over go one each to the labels with the largest remainders (ties in a seeded random order); the
-    rows of a label are drawn uniformly. Otherwise the draw is uniform over all rows.
+    With ``labels`` (one per row, -1 = unlabelled) that hold at least one class, the subset is stratified
+    (:func:`rcdm.subsets.stratified_draw`, the studies' draw too): each label (-1 included, as one group)
+    gets ``n_pick * count / n_total`` rows, floored, and the rows left over go one each to the labels with
+    the largest remainders (ties in a seeded random order); the rows of a label are drawn uniformly.
+    Otherwise the draw is uniform over all rows. The rows are returned sorted.
     """
     labeled = labels is not None and bool((np.asarray(labels) >= 0).any())
     if labels is not None and len(labels) != n_total:
@@ -125,26 +127,15 @@ def select_rows(n_total: int, n_pick: int | None, seed: int, labels: np.ndarray 
         rng = np.random.default_rng(seed)
         rows, method = np.sort(rng.choice(n_total, size=n_pick, replace=False)).astype(np.int64), "random"
     else:
-        rows, method = _stratified(np.asarray(labels, dtype=np.int64), n_pick, seed), "stratified"
+        rows, method = (
+            np.sort(stratified_draw(np.asarray(labels), n_pick, seed)).astype(np.int64),
+            "stratified",
+        )
     n_classes = None
     if labeled:
         chosen = np.asarray(labels)[rows]
         n_classes = int(len(np.unique(chosen[chosen >= 0])))
     return Selection(rows, method, int(seed), int(n_total), n_classes)
-
-
-def _stratified(labels: np.ndarray, n_pick: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    share = n_pick * counts  # exact integer arithmetic: quota = share // n, remainder = share % n
-    quota, remainder = share // len(labels), share % len(labels)
-    short = n_pick - int(quota.sum())
-    if short:
-        tiebreak = rng.permutation(len(counts))
-        quota[np.lexsort((tiebreak, -remainder))[:short]] += 1
-    members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
-    picked = [rng.choice(m, size=int(q), replace=False) for m, q in zip(members, quota) if q]
-    return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
 def image_labels(images_file: str | os.PathLike) -> np.ndarray:
