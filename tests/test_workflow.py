@@ -11,6 +11,7 @@ import math
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -30,9 +31,37 @@ def snakemake(*args: str, cwd: Path, timeout: float = 120) -> subprocess.Complet
 
 
 def job_counts(output: str) -> dict[str, int]:
-    """The `Job stats` table of a (dry) run: rule name -> number of jobs."""
+    """The `Job stats` table of a (dry) run: rule name -> number of jobs ({} when nothing is to be done)."""
+    if "Job stats:" not in output:
+        assert "Nothing to be done" in output, output[-3000:]
+        return {}
     table = output[output.index("Job stats:") :]
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, flags=re.M)}
+
+
+def stage_names() -> list[str]:
+    """The stages: the config's `resources` keys (but `default` and a deprecated alias), each a rule name."""
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    keys = schema["properties"]["resources"]["properties"]
+    return [k for k, v in keys.items() if k != "default" and "deprecated" not in v.get("description", "")]
+
+
+def rule_graph(cwd: Path, *args: str) -> dict[str, set[str]]:
+    """`--rulegraph` as rule -> the rules it depends on, directly or not."""
+    dot = snakemake("--rulegraph", *args, cwd=cwd).stdout
+    names = dict(re.findall(r"^\s*(\d+)\[label = \"(\w+)\"", dot, flags=re.M))
+    deps: dict[str, set[str]] = {name: set() for name in names.values()}
+    for a, b in re.findall(r"^\s*(\d+) -> (\d+)$", dot, flags=re.M):
+        deps[names[b]].add(names[a])
+    changed = True
+    while changed:  # transitive closure
+        changed = False
+        for up in deps.values():
+            more = set().union(*(deps[u] for u in up)) - up
+            if more:
+                up |= more
+                changed = True
+    return deps
 
 
 def write_config(tmp_path: Path, base: str, **changes) -> Path:
@@ -112,6 +141,26 @@ def test_schema_fills_defaults(tmp_path):
     assert counts["evaluate"] == 1
 
 
+def test_every_stage_is_a_rule_and_its_resources_key(tmp_path):
+    """The config's `resources` keys are the rule names: each entry reaches its rule's jobs (and only
+    those), as does `--set-resources <stage>:...`."""
+    stages = stage_names()
+    mem = {stage: 1000 + i for i, stage in enumerate(stages)}
+    resources = {stage: {"mem_mb": mem[stage]} for stage in stages}
+    cfg = write_config(tmp_path, "micro.yaml", **{"tradeoff.run": True, "resources": resources})
+    proc = snakemake("-n", "--configfile", str(cfg), "--set-resources", "sample:runtime=77", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    planned: dict[str, set[str]] = {}
+    job = r"^(?:local)?rule (\w+):\n(?:    .*\n)*?    resources: (.*)$"
+    for rule, res in re.findall(job, proc.stdout, flags=re.M):
+        planned.setdefault(rule, set()).add(res)
+    assert set(stages) - {"fetch"} <= set(planned)  # the micro config fetches nothing
+    for stage in set(stages) & set(planned):
+        assert all(f"mem_mb={mem[stage]}," in res for res in planned[stage]), (stage, planned[stage])
+    assert all("runtime=77" in res for res in planned["sample"])
+    assert not any("runtime=77" in res for rule, rs in planned.items() if rule != "sample" for res in rs)
+
+
 def test_imagenet_config_builds_the_full_dag(tmp_path):
     """The paper's setting: 4 SSL encoders x trunk/head + supervised, sharded; weights come by fetch jobs."""
     imagenet = str(ROOT / "config" / "imagenet.yaml")
@@ -125,9 +174,9 @@ def test_imagenet_config_builds_the_full_dag(tmp_path):
     assert all("--n-fid 10000" in c and "--n-reference 10000" in c for c in evaluate_cmds)
     # the studies, for every encoder and layer; trunk-head for each encoder with both layers
     both = sum(set(e["layers"]) == {"trunk", "head"} for e in cfg["encoders"].values())
-    assert both == 4 and counts["study_trunk_head"] == both
+    assert both == 4 and proc.stdout.count("rcdm study trunk-head ") == both
     per_model = len(cfg["studies"]["run"]) - 2 + len(cfg["data"]["ood"])  # ood once per OOD set
-    assert counts["study"] == 9 * per_model
+    assert counts["study"] == 9 * per_model + both
     assert counts["tradeoff"] == 9  # the sampler speed/quality curve of every model
     assert cfg["sample"]["num_conditionings"] is None and cfg["sample"]["samples_per_image"] == 1  # all val
     runs = sum(len(e["layers"]) for e in cfg["encoders"].values())
@@ -136,11 +185,11 @@ def test_imagenet_config_builds_the_full_dag(tmp_path):
     assert counts["evaluate"] == runs
     sets = {"train": cfg["data"]["train"], "val": cfg["data"]["val"], **cfg["data"]["ood"]}
     shards = {name: spec.get("shards") or cfg["extract"]["shards"] for name, spec in sets.items()}
-    assert counts["extract_images_shard"] == sum(k for k in shards.values() if k > 1)
-    assert counts["extract_images"] == sum(k == 1 for k in shards.values())
-    assert counts["merge_images"] == sum(k > 1 for k in shards.values())
-    assert counts["extract_features_dino_shard"] == counts["extract_images_shard"]
-    assert counts["merge_features"] == runs * sum(k > 1 for k in shards.values())
+    # one extraction job per shard (one for an unsharded set), one merge per file (one part: a link)
+    assert counts["extract_images"] == sum(shards.values())
+    assert counts["merge_images"] == len(sets)
+    assert counts["extract_features"] == len(cfg["encoders"]) * sum(shards.values())
+    assert counts["merge_features"] == runs * len(sets)
     assert counts["sample"] == runs * (cfg["sample"]["shards"] + len(cfg["data"]["ood"]))
     assert counts["merge_samples"] == runs * (1 + len(cfg["data"]["ood"]))
     assert counts["fetch"] == len(cfg["encoders"]) + 1  # encoder files + the Inception weights
@@ -177,7 +226,7 @@ def test_micro_images_and_features(micro_run):
                 # the mirror's representation differs from the image's (shapes are not symmetric)
                 assert not np.allclose(feats[:, 0], feats[:, 1])
     # extraction shards are temporary (removed after the merge); sampling shards are kept (costly to redo)
-    assert not list((res / "data").rglob("*.part-*")) and not list((res / "features").rglob("*.part-*"))
+    assert not list((res / "data").rglob("*.part-*")) and not list((res / "features").rglob("parts-*"))
     assert len(list((res / "samples").rglob("val/samples.part-*-of-*.h5"))) == cfg["sample"]["shards"]
 
 
@@ -236,6 +285,37 @@ def test_micro_logs_benchmarks_and_rerun(micro_run):
     proc = snakemake("-n", "--cores", "2", "--configfile", micro, "--forcerun", "evaluate", cwd=work)
     counts = job_counts(proc.stdout)
     assert counts.get("evaluate") and not counts.get("train") and not counts.get("sample")
+
+
+@pytest.mark.slow
+def test_every_stage_can_be_named(micro_run, tmp_path):
+    """`--until <stage>` plans that stage and what it needs, nothing after it; after a complete run,
+    `--forcerun <stage>` plans every job of that stage and what depends on it, nothing before it."""
+    work, _, _ = micro_run
+    micro = str(ROOT / "config" / "micro.yaml")
+    needs = rule_graph(tmp_path, "--configfile", micro)
+    full = job_counts(snakemake("-n", "--configfile", micro, cwd=tmp_path).stdout)
+    stages = stage_names()
+
+    def plan(stage: str) -> tuple[dict, dict]:
+        until = snakemake("-n", "--configfile", micro, "--until", stage, cwd=tmp_path)
+        force = snakemake("-n", "--configfile", micro, "--forcerun", stage, cwd=work)
+        assert until.returncode == 0, (stage, until.stderr[-2000:])
+        assert force.returncode == 0, (stage, force.stderr[-2000:])
+        return job_counts(until.stdout), job_counts(force.stdout)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        plans = dict(zip(stages, pool.map(plan, stages)))
+    # a merge's parts are temporary (deleted once merged): forcing the merge makes them again
+    remade = {"merge_images": {"extract_images"}, "merge_features": {"extract_features"}}
+    for stage, (until, force) in plans.items():
+        if stage not in full:  # fetch (nothing to download) and tradeoff (not asked for) in the micro config
+            assert stage not in until and stage not in force
+            continue
+        assert until[stage] == full[stage], (stage, until)
+        assert set(until) - {"total"} <= needs[stage] | {stage}, (stage, until)
+        assert force[stage] == full[stage], (stage, force)
+        assert not (needs[stage] - remade.get(stage, set())) & set(force), (stage, force)
 
 
 @pytest.mark.slow

@@ -3,10 +3,12 @@
 # here only: `snakemake --lint` wants no file with both rules and functions); checks that a JSON schema can
 # state live in ../schemas/config.schema.yaml, validated before this file runs.
 import json
+import re
 import shlex
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 
 R = f"{config['results_dir']}/{config['experiment']}"
 LOGS = f"{config['logs_dir']}/{config['experiment']}"
@@ -22,12 +24,17 @@ RUNS = [(name, layer) for name, enc in ENCODERS.items() for layer in enc["layers
 IMAGES = f"{R}/data/{{dataset}}/images.h5"
 ENCODER = f"{R}/encoders/{{encoder}}/encoder.pt"
 FEATURES = f"{R}/features/{{encoder}}/{{dataset}}/{{layer}}.h5"
+FEATURE_PARTS = f"{R}/features/{{encoder}}/{{dataset}}/parts-{{shard}}-of-{{num}}"  # one extraction job's layers
 MODEL = f"{R}/models/{{encoder}}/{{layer}}"
 EMA = f"{MODEL}/ema_{float(config['train']['ema_rates'][0])!r}_final.pt"  # the first rate's: sampled from
 SAMPLES = f"{R}/samples/{{encoder}}/{{layer}}/{{dataset}}"
 METRICS = f"{R}/metrics/{{encoder}}/{{layer}}/metrics.csv"
 TRADEOFF = f"{R}/tradeoff/{{encoder}}/{{layer}}"
 STUDY = f"{R}/studies/{{encoder}}/{{layer}}/{{dataset}}/{{study}}"
+
+
+if "merge_extract" in config["resources"]:
+    logger.warning("config resources.merge_extract is deprecated: name merge_images and merge_features instead")
 
 
 wildcard_constraints:
@@ -88,10 +95,13 @@ def extract_shards(dataset: str) -> int:
     return DATASETS[dataset].get("shards") or config["extract"]["shards"]
 
 
-def datasets_regex(sharded: bool) -> str:
-    """Wildcard constraint matching the datasets extracted in shards (True) or in one job (False)."""
-    names = [name for name in DATASETS if (extract_shards(name) > 1) == sharded]
-    return "|".join(names) if names else "(?!x)x"
+def extract_jobs(dataset: str) -> list[dict]:
+    """The wildcards {shard, num} of a dataset's extraction jobs (one per shard; one job: shard 0 of 1), as the
+    stage CLIs number their parts."""
+    from rcdm.formats.hdf5 import part_path
+
+    names = [part_path("x.h5", i, extract_shards(dataset)).name for i in range(extract_shards(dataset))]
+    return [dict(zip(("shard", "num"), re.fullmatch(r"x\.part-(\d+)-of-(\d+)\.h5", n).groups())) for n in names]
 
 
 # Options of `rcdm extract` shared by images and features jobs
@@ -111,6 +121,11 @@ def part_pattern(path: str) -> str:
     """Output pattern of one shard of `path`: X.part-{shard}-of-{num}.h5."""
     stem, suffix = path.rsplit(".", 1)
     return f"{stem}.part-{{shard}}-of-{{num}}.{suffix}"
+
+
+def shard_file(path: str, shard: int, num_shards: int) -> str:
+    """The file a stage CLI writes for `path` as shard `shard` of `num_shards`: `path` itself for one shard."""
+    return path if num_shards == 1 else part_files(path, num_shards)[shard]
 
 
 def shard_args(wildcards) -> str:
@@ -154,8 +169,10 @@ _RESOURCE_KEYS |= {"constraint", "qos", "slurm_extra"}
 
 
 def _rule_config(rule: str) -> dict:
+    """`default`, then the rule's own entry (merge_images/merge_features: the deprecated merge_extract first)."""
     res = config["resources"]
-    merged = {**res.get("default", {}), **res.get(rule, {})}
+    alias = res.get("merge_extract", {}) if rule in ("merge_images", "merge_features") else {}
+    merged = {**res.get("default", {}), **alias, **res.get(rule, {})}
     return {k: v for k, v in merged.items() if v is not None and v != ""}
 
 

@@ -28,17 +28,19 @@ rule pretrain:
         "--log {output.losses} {params.opts} {params.device} {params.extra} > {log} 2>&1"
 
 
-if config["fetch_weights"]:
-
-    rule fetch:
-        output:
-            f"{WEIGHTS}/{{filename}}",
-        log:
-            f"{LOGS}/fetch/{{filename}}.log",
-        params:
-            weights_dir=lambda wc, output: Path(output[0]).parent,
-        localrule: True
-        wildcard_constraints:
-            filename=r"[^/]+\.(pth|pt|torch)",
-        shell:
-            "rcdm fetch --weights-dir {params.weights_dir} {wildcards.filename} > {log} 2>&1"
+# Always defined, so `--until fetch` / `--forcerun fetch` work; without fetch_weights it matches no file.
+rule fetch:
+    output:
+        f"{WEIGHTS}/{{filename}}",
+    log:
+        f"{LOGS}/fetch/{{filename}}.log",
+    params:
+        weights_dir=lambda wc, output: Path(output[0]).parent,
+    localrule: True
+    wildcard_constraints:
+        filename=r"[^/]+\.(pth|pt|torch)" if config["fetch_weights"] else "(?!x)x",
+    threads: rule_threads("fetch")
+    resources:
+        **rule_resources("fetch"),
+    shell:
+        "rcdm fetch --weights-dir {params.weights_dir} {wildcards.filename} > {log} 2>&1"

@@ -1,43 +1,37 @@
 # Features files: each encoder run once over each dataset it conditions on, all its layers in one pass
-# ([N, 2, D]: image and mirror); sharded like the dataset's images, then merged and checked against the images
-# file. Rules per encoder, because the number of output files (its layers) differs between encoders.
+# ([N, 2, D]: image and mirror), in as many jobs as the dataset's images, each writing its layers into one
+# folder; `merge_features` joins one layer's parts and checks them against the images file (one part: a link).
 
-for _encoder, _spec in ENCODERS.items():
-    for _sharded in (False, True):
-        _outputs = {layer: FEATURES.format(encoder=_encoder, dataset="{dataset}", layer=layer) for layer in _spec["layers"]}
 
-        rule:
-            name:
-                f"extract_features_{_encoder}" + ("_shard" if _sharded else "")
-            input:
-                images=IMAGES,
-                encoder=encoder_file(_encoder),
-            output:
-                **({k: temp(part_pattern(v)) for k, v in _outputs.items()} if _sharded else _outputs),
-            log:
-                f"{LOGS}/extract_features/{_encoder}/{{dataset}}" + (".{shard}-of-{num}.log" if _sharded else ".log"),
-            benchmark:
-                f"{BENCH}/extract_features/{_encoder}/{{dataset}}" + (".{shard}-of-{num}.tsv" if _sharded else ".tsv")
-            wildcard_constraints:
-                dataset=datasets_regex(_sharded),
-            params:
-                data=lambda wc: dataset_args(wc.dataset),
-                encoder=f"{encoder_args(_encoder)} {trust_flag('--trust-encoder')} {opts(dtype=config['extract']['feature_dtype'])}",
-                out=lambda wc, _encoder=_encoder, _layers=_spec["layers"]: opts(
-                    features_out=[f"{l}={FEATURES.format(encoder=_encoder, dataset=wc.dataset, layer=l)}" for l in _layers]
-                ),
-                shard=shard_args if _sharded else "",
-                run=EXTRACT_RUN,
-            threads: rule_threads("extract_features")
-            resources:
-                **rule_resources("extract_features"),
-            shell:
-                "rcdm extract {params.data} {params.encoder} {params.out} {params.shard} {params.run} > {log} 2>&1"
+rule extract_features:
+    input:
+        images=IMAGES,
+        encoder=lambda wc: encoder_file(wc.encoder),
+    output:
+        temp(directory(FEATURE_PARTS)),
+    log:
+        f"{LOGS}/extract_features/{{encoder}}/{{dataset}}.{{shard}}-of-{{num}}.log",
+    benchmark:
+        f"{BENCH}/extract_features/{{encoder}}/{{dataset}}.{{shard}}-of-{{num}}.tsv"
+    params:
+        data=lambda wc: dataset_args(wc.dataset),
+        encoder=lambda wc: f"{encoder_args(wc.encoder)} {trust_flag('--trust-encoder')}",
+        dtype=opts(dtype=config["extract"]["feature_dtype"]),
+        # <folder>/<layer>.h5 for one shard, <folder>/<layer>.part-000i-of-000k.h5 (named by the CLI) for k > 1
+        out=lambda wc, output: opts(features_out=[f"{l}={output[0]}/{l}.h5" for l in ENCODERS[wc.encoder]["layers"]]),
+        shard=shard_args,
+        run=EXTRACT_RUN,
+    threads: rule_threads("extract_features")
+    resources:
+        **rule_resources("extract_features"),
+    shell:
+        "rcdm extract {params.data} {params.encoder} {params.dtype} {params.out} {params.shard} {params.run} "
+        "> {log} 2>&1"
 
 
 rule merge_features:
     input:
-        parts=lambda wc: part_files(FEATURES.format(**wc), extract_shards(wc.dataset)),
+        parts=lambda wc: [FEATURE_PARTS.format(**wc, **job) for job in extract_jobs(wc.dataset)],
         images=IMAGES,
     output:
         FEATURES,
@@ -45,10 +39,14 @@ rule merge_features:
         f"{LOGS}/merge_features/{{encoder}}/{{dataset}}.{{layer}}.log",
     benchmark:
         f"{BENCH}/merge_features/{{encoder}}/{{dataset}}.{{layer}}.tsv"
-    wildcard_constraints:
-        dataset=datasets_regex(True),
-    threads: rule_threads("merge_extract")
+    params:
+        num=lambda wc: extract_shards(wc.dataset),
+        files=lambda wc, input: [
+            shard_file(f"{folder}/{wc.layer}.h5", i, len(input.parts)) for i, folder in enumerate(input.parts)
+        ],
+    threads: rule_threads("merge_features")
     resources:
-        **rule_resources("merge_extract"),
+        **rule_resources("merge_features"),
     shell:
-        "rcdm merge-extract --out {output} --parts {input.parts} --images {input.images} > {log} 2>&1"
+        "if [ {params.num} -eq 1 ]; then ln -f {params.files} {output} || cp {params.files} {output}; "
+        "else rcdm merge-extract --out {output} --parts {params.files} --images {input.images}; fi > {log} 2>&1"
