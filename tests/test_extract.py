@@ -367,6 +367,46 @@ def test_cli_with_the_small_encoder_checkpoint(tmp_path):
             torch.testing.assert_close(torch.from_numpy(h5["features"][4, 1]), enc(x.flip(-1))[0])
 
 
+def test_features_are_fp32_by_default_and_bf16_only_when_asked(tmp_path):
+    from rcdm import encoders
+
+    arch = {"widths": [8, 16], "blocks": 1, "stem_stride": 1, "head_dims": [16, 8]}
+    torch.manual_seed(0)
+    trunk, head = encoders.build_small(arch)
+    ckpt = tmp_path / "small.pt"
+    torch.save({"format": encoders.SMALL_FORMAT, "arch": arch, "trunk": trunk.state_dict(),
+                "head": head.state_dict(), "input_size": 16, "input_norm": "none"}, ckpt)  # fmt: skip
+    base = ["extract", "--dataset", "shapes", "--split", "val", "--num-images", "6", "--native-size", "24",
+            "--encoder", "small", "--encoder-checkpoint", str(ckpt), "--workers", "0", "--no-progress",
+            "--device", "cpu"]  # fmt: skip
+    assert cli_main([*base, "--features-out", f"trunk={tmp_path / 'fp32.h5'}"]) == 0
+    assert cli_main([*base, "--features-out", f"trunk={tmp_path / 'bf16.h5'}", "--precision", "bf16"]) == 0
+    enc = encoders.load("small", ckpt, "trunk")
+    source = open_dataset("shapes", "val", num_images=6, native_size=24)
+    crops = np.stack([center_crop_arr(source.load(i), 16) for i in range(6)])
+    with torch.no_grad():
+        x = encoder_input(torch.from_numpy(crops), "none")
+        expected = torch.stack([enc(x), enc(x.flip(-1))], dim=1).numpy()  # plain fp32 forward
+    feats = {}
+    for name in ("fp32", "bf16"):
+        with h5py.File(tmp_path / f"{name}.h5") as h5:
+            assert h5.attrs["precision"] == name
+            feats[name] = h5["features"][:]
+    np.testing.assert_allclose(feats["fp32"], expected, rtol=1e-5, atol=1e-6)
+    # bf16 autocast is a different computation: off by far more than the fp32 tolerance, still close
+    rel = np.linalg.norm(feats["bf16"] - expected, axis=-1) / np.linalg.norm(expected, axis=-1)
+    assert rel.mean() > 1e-3 and rel.max() < 0.1
+    # a file made at the other precision is not taken for the requested one
+    with pytest.raises(FileExistsError, match="precision"):
+        cli_main([*base, "--features-out", f"trunk={tmp_path / 'bf16.h5'}"])
+    # the old opt-out still works (it asks for what is now the default), and cannot contradict --precision
+    assert cli_main([*base, "--features-out", f"trunk={tmp_path / 'fp32.h5'}", "--no-autocast"]) == 0
+    with pytest.raises(SystemExit, match="contradicts"):
+        cli_main(
+            [*base, "--features-out", f"trunk={tmp_path / 'x.h5'}", "--no-autocast", "--precision", "bf16"]
+        )
+
+
 def test_schema_writers_and_checks_name_each_problem(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)

@@ -15,7 +15,8 @@ Attributes of both: ``kind``, ``format_version``, ``num_images`` (N), ``paths_sh
 ``paths`` list: equal digests = same images in the same order), ``num_bad``, ``dataset``, ``split``,
 ``selection`` settings, shard settings; then per kind ``image_size``, ``crop_method`` or ``encoder``,
 ``layer``, ``input_norm``, ``input_size``, ``dim``, ``encoder_sha256`` (the encoder file),
-``images_file``. ``complete`` is
+``images_file``, ``precision`` (the encoder's compute precision: ``fp32``, or ``bf16`` autocast when asked
+for; files made before it was recorded ran bf16 autocast on CUDA and fp32 elsewhere). ``complete`` is
 written last: with atomic renames a file under its final name is always complete; the flag double-checks.
 """
 

@@ -2,10 +2,12 @@
 
 One pass over a dataset slice produces any of: the images file (crops at the model resolution, labels,
 paths, factors) and one features file per encoder layer (trunk and head from one trunk pass). DataLoader
-workers decode and crop; the encoder runs batched under ``inference_mode`` (bf16 autocast on CUDA) on the
-image and its mirror; rows are appended in chunks, so memory does not grow with the dataset. Each output is
-written under a temporary name and renamed when complete; a finished output is never redone (a rerun is a
-no-op) and one made with other settings is an error rather than silently kept or overwritten.
+workers decode and crop; the encoder runs batched under ``inference_mode`` on the image and its mirror, in
+fp32 as the published code does (``--precision bf16`` opts into bf16 autocast, recorded in the features
+file's ``precision`` attribute; docs/speed.md gives its measured effect); rows are appended in chunks, so
+memory does not grow with the dataset. Each output is written under a temporary name and renamed when
+complete; a finished output is never redone (a rerun is a no-op) and one made with other settings is an
+error rather than silently kept or overwritten.
 """
 
 from __future__ import annotations
@@ -38,8 +40,11 @@ log = logging.getLogger(__name__)
 IDENTITY_KEYS = (
     "kind", "dataset", "split", "selection_seed", "num_images_requested", "source_size",
     "shard", "num_shards", "shard_start", "shard_stop", "image_size",
-    "encoder", "layer", "encoder_sha256", "dtype", "input_norm_requested", "input_size_requested",
+    "encoder", "layer", "encoder_sha256", "dtype", "precision", "input_norm_requested",
+    "input_size_requested",
 )  # fmt: skip
+#: the encoder's compute precision: fp32 (default, as published) or bf16 autocast (opt-in)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -65,6 +70,7 @@ class ExtractJob:
     encoder_name: str = ""
     encoder_sha256: str = ""
     dtype: str = "float32"
+    precision: str = "fp32"
     shard: int = 0
     num_shards: int = 1
     selection_seed: int = 0
@@ -79,6 +85,8 @@ class ExtractJob:
             raise ValueError("an images output needs image_size")
         if self.features_out and not self.encoder_name:
             raise ValueError("features outputs need an encoder")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.dtype not in hs.FEATURE_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(hs.FEATURE_DTYPES)}, got {self.dtype!r}")
         unknown = set(self.features_out) - {"trunk", "head"}
@@ -116,6 +124,7 @@ class ExtractJob:
                 "layer": layer,
                 "encoder_sha256": self.encoder_sha256,
                 "dtype": self.dtype,
+                "precision": self.precision,
                 "input_norm_requested": self.input_norm or "",
                 "input_size_requested": self.input_size or 0,
                 "images_file": "" if self.images_out is None else str(self.images_out),
@@ -241,13 +250,19 @@ def _encoder_dims(encoder: nn.Module) -> dict[str, int]:
     return {encoder.layer: int(encoder.dim)}
 
 
+def encoder_precision(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The context the encoder runs in: nothing for fp32, bf16 autocast on ``device`` for bf16."""
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 class _FeatureSink:
     """Encodes a batch on the device and writes the previous batch's features meanwhile (one batch lag)."""
 
-    def __init__(self, encoder, writers, layers, dtype, device, autocast):
+    def __init__(self, encoder, writers, layers, dtype, device, precision: str):
         self.encoder, self.writers, self.layers = encoder, writers, layers
         self.dtype = getattr(torch, dtype)
-        self.device, self.autocast = device, autocast and device.type == "cuda"
+        self.device, self.precision = device, precision
         self.input_norm = encoder.input_norm
         self.pending: tuple[dict[str, torch.Tensor], list[str], torch.cuda.Event | None] | None = None
 
@@ -258,7 +273,7 @@ class _FeatureSink:
         x = torch.cat([x, x.flip(-1)])
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        with encoder_precision(self.device, self.precision):
             out = self.encoder(x)
         out = out if isinstance(out, Mapping) else {self.encoder.layer: out}
         host = {}
@@ -297,7 +312,6 @@ def run_extraction(
     workers: int = 0,
     device: str = "auto",
     on_bad_image: str = "skip",
-    autocast: bool = True,
     progress: bool = True,
 ) -> ExtractSummary:
     """Produce the pending outputs of ``job`` in one pass over its slice; return what happened.
@@ -330,7 +344,7 @@ def run_extraction(
         sink = None
         if encoder is not None:
             writers = _feature_writers(files, feature_outs, dims, job.dtype)
-            sink = _FeatureSink(encoder, writers, list(feature_outs), job.dtype, dev, autocast)
+            sink = _FeatureSink(encoder, writers, list(feature_outs), job.dtype, dev, job.precision)
         bar = tqdm(
             total=job.stop - job.start, unit="img", desc=f"extract {job.dataset}/{job.split}",
             file=sys.stderr, disable=not progress, smoothing=0.1,
@@ -563,8 +577,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--workers", type=int, default=4, help="DataLoader processes decoding and cropping")
     r.add_argument("--device", default="auto", help=DEVICE_HELP)
     r.add_argument(
-        "--no-autocast", action="store_true", help="run the encoder in fp32 on CUDA (default bf16)"
-    )
+        "--precision", choices=tuple(PRECISIONS), default="fp32",
+        help="encoder compute precision: fp32 (default, as the published code) or bf16 autocast (faster on "
+        "GPUs; recorded in the features file; its measured effect is in docs/speed.md)",
+    )  # fmt: skip
+    # Before 0.3 the default was bf16 on CUDA and --no-autocast selected fp32, which is now the default.
+    r.add_argument("--no-autocast", action="store_true", help=argparse.SUPPRESS)
     r.add_argument("--no-progress", action="store_true")
 
 
@@ -575,6 +593,10 @@ def _deprecated_spellings(args: argparse.Namespace) -> None:
             raise SystemExit("rcdm extract: give --encoder-checkpoint only (--checkpoint is its old name)")
         print("rcdm extract: --checkpoint is deprecated, use --encoder-checkpoint", file=sys.stderr)
         args.encoder_checkpoint = args.old_checkpoint
+    if args.no_autocast:
+        if args.precision != "fp32":
+            raise SystemExit("rcdm extract: --no-autocast (fp32) contradicts --precision " + args.precision)
+        print("rcdm extract: --no-autocast is deprecated: fp32 is the default (--precision)", file=sys.stderr)
     if args.old_trust:
         print("rcdm extract: --trust-checkpoint is deprecated, use --trust-encoder", file=sys.stderr)
         args.trust_encoder = True
@@ -598,6 +620,7 @@ def run(args: argparse.Namespace) -> int:
         encoder_name=args.encoder or "",
         encoder_sha256=sha,
         dtype=args.dtype,
+        precision=args.precision,
         shard=args.shard,
         num_shards=args.num_shards,
         selection_seed=args.seed,
@@ -621,7 +644,6 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         on_bad_image=args.on_bad_image,
-        autocast=not args.no_autocast,
         progress=not args.no_progress,
     )
     return 0
