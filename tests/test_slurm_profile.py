@@ -64,6 +64,30 @@ def test_profile_is_found_from_the_repository_root():
     assert not {"executor", "default-resources", "cores", "jobs"} & set(default)
 
 
+def test_gpu_jobs_get_the_task_geometry_asked_for():
+    """The plugin's sbatch line (no cluster needed): a multi-GPU job gets no implicit --ntasks-per-gpu
+    (plugins up to 2.7.0 added --ntasks-per-gpu=1, running the command once per GPU); tasks_per_gpu and
+    nodes from the configuration's resources are passed as given."""
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    def sbatch(**resources) -> str:
+        job = SimpleNamespace(resources=Resources(resources, mem_mb=1000, runtime=60), threads=64)
+        params = dict(run_uuid="u", slurm_logfile="l", comment_str="c", account="", partition="", workdir="")
+        return f"{get_submit_command(job, params)} {set_gres_string(job)}"
+
+    plain = sbatch(gpu=8)
+    assert "--gpus=8" in plain and "--cpus-per-task=64" in plain
+    assert "--ntasks-per-gpu" not in plain and "--nodes" not in plain
+    asked = sbatch(gpu=8, tasks_per_gpu=1, nodes=2)
+    assert "--ntasks-per-gpu=1" in asked and "--nodes=2" in asked
+
+
 def test_micro_workflow_through_slurm(cluster, tmp_path):
     cfg = yaml.safe_load((ROOT / "config" / "micro.yaml").read_text())
     # keep the DAG to a handful of cluster jobs (each costs ~10-15 s of scheduling and polling here), and

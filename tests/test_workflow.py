@@ -161,6 +161,18 @@ def test_every_stage_is_a_rule_and_its_resources_key(tmp_path):
     assert not any("runtime=77" in res for rule, rs in planned.items() if rule != "sample" for res in rs)
 
 
+def test_slurm_task_geometry_from_the_config(tmp_path):
+    """nodes and tasks_per_gpu are resources keys; the GPU ones reach only jobs with GPUs."""
+    resources = {"train": {"gpu": 2, "tasks_per_gpu": 1, "nodes": 1}, "sample": {"tasks_per_gpu": 1}}
+    cfg = write_config(tmp_path, "micro.yaml", resources=resources)
+    proc = snakemake("-n", "--configfile", str(cfg), "--until", "sample", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = re.findall(r"^rule (\w+):\n(?:    .*\n)*?    resources: (.*)$", proc.stdout, flags=re.M)
+    train = [res for rule, res in jobs if rule == "train"]
+    assert train and all("gpu=2" in res and "tasks_per_gpu=1" in res and "nodes=1" in res for res in train)
+    assert not any("tasks_per_gpu" in res for rule, res in jobs if rule == "sample")
+
+
 def test_imagenet_config_builds_the_full_dag(tmp_path):
     """The paper's setting: 4 SSL encoders x trunk/head + supervised, sharded; weights come by fetch jobs."""
     imagenet = str(ROOT / "config" / "imagenet.yaml")

@@ -164,8 +164,9 @@ def encoder_args(encoder: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- resources
-_RESOURCE_KEYS = {"mem_mb", "runtime", "gpu", "gpu_model", "cpus_per_gpu", "slurm_partition", "slurm_account"}
-_RESOURCE_KEYS |= {"constraint", "qos", "slurm_extra"}
+_GPU_KEYS = {"gpu", "gpu_model", "cpus_per_gpu", "tasks_per_gpu"}
+_RESOURCE_KEYS = {"mem_mb", "runtime", "nodes", "slurm_partition", "slurm_account", "constraint", "qos", "slurm_extra"}
+_RESOURCE_KEYS |= _GPU_KEYS
 
 
 def _rule_config(rule: str) -> dict:
@@ -181,12 +182,9 @@ def rule_threads(rule: str) -> int:
 
 
 def rule_resources(rule: str) -> dict:
-    """Snakemake resources of a rule (SLURM requests; limits locally with --resources); gpu=0 is left out."""
+    """Snakemake resources of a rule (SLURM requests; limits locally with --resources); GPU keys need gpu > 0."""
     res = {k: v for k, v in _rule_config(rule).items() if k in _RESOURCE_KEYS}
-    if not res.get("gpu"):
-        for key in ("gpu", "gpu_model", "cpus_per_gpu"):
-            res.pop(key, None)
-    return res
+    return res if res.get("gpu") else {k: v for k, v in res.items() if k not in _GPU_KEYS}
 
 
 # ---------------------------------------------------------------------------------------------- targets
