@@ -13,14 +13,14 @@ FID/IS subsets (:func:`select_rows`). With ``n_fid`` the Inception metrics use a
 ``n_fid`` samples (seed ``fid_seed``, default 0), never the first ones: samples are stored in conditioning
 order and a class-per-folder dataset is sorted by class, so the first 10,000 of ImageNet val's 50,000 cover
 about 200 classes. When the samples' conditioning images have class labels (the images file's ``labels``,
--1 = unlabelled; a sample's label is that of row ``cond_index`` of the images file named by the features
-file, the samples' settings or ``conditioning_images``) the subset is class-stratified: each class gets its
-share ``n_fid * n_class / n`` rounded by largest remainder (ties broken by the seed), drawn uniformly within
-the class; without labels it is a uniform draw
-(``np.sort(np.random.default_rng(seed).choice(n, n_fid, replace=False))``).
-The ``n_reference`` reference images are chosen the same way from the reference images file (its own labels,
+-1 = unlabelled; a sample's label is that of row ``cond_index`` of the images file named by
+``conditioning_images``, else by the features file, else by the samples' settings) the subset is
+class-stratified (:func:`rcdm.subsets.stratified_draw`): each class gets its share ``n_fid * n_class / n``
+rounded by largest remainder (ties broken by the seed), drawn uniformly within the class; without labels it
+is a uniform draw (``np.sort(np.random.default_rng(seed).choice(n, n_fid, replace=False))``). The
+``n_reference`` reference images are chosen the same way from the reference images file (its own labels,
 seed ``reference_seed``, default 1: a different draw, so samples conditioned on the reference images are not
-paired with them). ``metrics.csv`` records each choice: ``fid_selection`` / ``reference_selection``
+paired one to one with them). ``metrics.csv`` records each choice: ``fid_selection`` / ``reference_selection``
 (``all``, ``random``, ``stratified`` or, for ``--reference-stats``, ``precomputed``), the seed, the number of
 classes covered and ``*_rows_sha256`` (the first 16 hex digits of the sha256 of the sorted row indices as
 little-endian int64). Memory stays bounded: the sorted rows are picked chunk by chunk from the sample
