@@ -920,7 +920,8 @@ class Trainer:
                 self._pending_stop[0].wait()
                 self._pending_stop = None
         if stop == 3:
-            print(f"rcdm train: saved at step {self.step} before the job's time limit", file=sys.stderr)
+            if self.ctx.is_main:
+                print(f"rcdm train: saved at step {self.step} before the job's time limit", file=sys.stderr)
             barrier(self.ctx)
             if cfg.requeue and self.ctx.is_main and requeue_slurm_job():
                 print("rcdm train: job requeued; it resumes from this checkpoint", file=sys.stderr)
