@@ -88,6 +88,7 @@ COLUMNS = (
     "batch",
     "published",
     "ours",
+    "clock",
     "published_median",
     "published_min",
     "published_max",
@@ -99,6 +100,7 @@ COLUMNS = (
     "ratio",
     "ratio_min",
     "ratio_max",
+    "ratio_other_clock",
     "rounds",
     "target",
     "status",
@@ -119,6 +121,7 @@ QUALITY_COLUMNS = (
     "s_per_image_median",
     "s_per_image_min",
     "s_per_image_max",
+    "s_per_image_other_clock",
     "images_per_s",
     "fd_rep_mean",
     "fd_rep_min",
@@ -189,21 +192,47 @@ def published_diffusion(pub: types.ModuleType, flags: dict[str, Any], respacing:
 
 
 # ------------------------------------------------------------------------------------------------- timing
-def _now() -> float:
-    return time.perf_counter()
+#: The clock ratios are computed on: "cpu" (this process's CPU time: on a shared machine it leaves out the
+#: time the scheduler gives to other jobs) or "wall"; the other one is reported beside it.
+CLOCKS = ("cpu", "wall")
+_clock = "cpu"
 
 
-def interleaved(tasks: dict[str, Callable[[], Any]], rounds: int, repeats: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of every task, one value per round (mean of ``repeats`` calls), order rotated."""
+class Stopwatch:
+    """CPU time of this process and wall time of one timed block (``with Stopwatch() as sw: ...``)."""
+
+    def __enter__(self) -> Stopwatch:
+        self._cpu, self._wall = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cpu = time.process_time() - self._cpu
+        self.wall = time.perf_counter() - self._wall
+
+
+def new_times(names: Sequence[str]) -> dict[str, dict[str, list[float]]]:
+    return {n: {"cpu": [], "wall": []} for n in names}
+
+
+def record(times: dict[str, dict[str, list[float]]], name: str, sw: Stopwatch, calls: int = 1) -> None:
+    times[name]["cpu"].append(sw.cpu / calls)
+    times[name]["wall"].append(sw.wall / calls)
+
+
+def interleaved(
+    tasks: dict[str, Callable[[], Any]], rounds: int, repeats: int = 1
+) -> dict[str, dict[str, list[float]]]:
+    """Seconds per call of every task on both clocks, one value per round (mean of ``repeats`` calls); the
+    order of the tasks rotates from round to round."""
     names = list(tasks)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times = new_times(names)
     for r in range(rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            start = _now()
-            for _ in range(repeats):
-                tasks[name]()
-            times[name].append((_now() - start) / repeats)
+            with Stopwatch() as sw:
+                for _ in range(repeats):
+                    tasks[name]()
+            record(times, name, sw, repeats)
     return times
 
 
@@ -212,8 +241,8 @@ def compare(
     case: str,
     published: str,
     ours: str,
-    pub_times: Sequence[float],
-    our_times: Sequence[float],
+    pub_times: dict[str, list[float]],
+    our_times: dict[str, list[float]],
     *,
     unit: str,
     batch: int | str = "",
@@ -225,11 +254,15 @@ def compare(
     published_quality: str = "",
     ours_quality: str = "",
 ) -> dict[str, Any]:
-    """One comparison row: times are seconds per call, divided by ``per`` (images, or images x evals)."""
-    p = [t / per for t in pub_times]
-    o = [t / per for t in our_times]
+    """One comparison row from per-round seconds per call on both clocks (see :data:`CLOCKS`), divided by
+    ``per`` (images, or images x evaluations); the ratio is computed on the selected clock."""
+    p = [t / per for t in pub_times[_clock]]
+    o = [t / per for t in our_times[_clock]]
     ratios = [a / b for a, b in zip(p, o)]
     ratio = statistics.median(p) / statistics.median(o)
+    other = "wall" if _clock == "cpu" else "cpu"
+    other_ratios = [a / b for a, b in zip(pub_times[other], our_times[other])]
+    other_ratio = statistics.median(pub_times[other]) / statistics.median(our_times[other])
     status = ""
     if target is not None:
         status = "met" if ratio >= target else "missed"
@@ -242,6 +275,7 @@ def compare(
         "batch": batch,
         "published": published,
         "ours": ours,
+        "clock": _clock,
         "published_median": statistics.median(p),
         "published_min": min(p),
         "published_max": max(p),
@@ -253,6 +287,7 @@ def compare(
         "ratio": ratio,
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
+        "ratio_other_clock": f"{other} {other_ratio:.2f}x ({min(other_ratios):.2f}-{max(other_ratios):.2f})",
         "rounds": len(ratios),
         "target": "" if target is None else f">= {target:g}x",
         "status": status,
@@ -480,17 +515,20 @@ def part_training(pub: types.ModuleType, args: argparse.Namespace, log: Callable
             )
             img_path, feat_path = _write_h5_pair(tmp, images, feats)
             trainers = {}
-            for precision in ("fp32", args.train_precision):
+            for variant in args.train_variants:
+                precision, *options = variant.split("+")
                 cfg = TrainConfig(
                     images=str(img_path),
                     features=str(feat_path),
-                    out=str(tmp / f"ours_{precision}"),
+                    out=str(tmp / f"ours_{variant}"),
                     model_flags={k: v for k, v in flags.items() if k != "ssl_dim"},
                     steps=10**9,
                     batch_size=batch,
                     lr=args.lr,
                     ema_rates=[0.9999],
                     precision=precision,
+                    channels_last="channels_last" in options,
+                    compile="compile" in options,
                     workers=0,
                     save_interval=10**9,
                     log_interval=10**9,
@@ -501,33 +539,42 @@ def part_training(pub: types.ModuleType, args: argparse.Namespace, log: Callable
                 trainer.model.load_state_dict(state, strict=True)
                 trainer.ema = EMA(trainer.model, cfg.ema_rates)
                 trainer.model.train()
-                trainers[precision] = trainer
+                trainers[variant] = trainer
             tasks = {"published": lambda loop=loop, x=x, f=f: loop.run_step(x, {"feat": f})}
-            for precision, trainer in trainers.items():
-                tasks[precision] = lambda trainer=trainer, u8=u8, f=f: trainer.train_step(u8, f)
-            for task in tasks.values():  # warm-up
-                task()
+            for variant, trainer in trainers.items():
+                tasks[variant] = lambda trainer=trainer, u8=u8, f=f: trainer.train_step(u8, f)
+            for task in tasks.values():  # warm-up (compilation, for a compiled variant: excluded)
+                for _ in range(args.train_warmup):
+                    task()
             times = interleaved(tasks, args.rounds, repeats=args.train_repeats)
             stack.close()
         setting = f"{spec} flags ({size} px, {flags['num_channels']} ch), batch {batch}"
-        for precision in trainers:
-            recommended = precision != "fp32"
+        for variant in trainers:
+            recommended = variant == args.train_recommended
+            target, notes = None, ""
+            if recommended:
+                target, notes = 1.3, "our recommended CPU training settings: target 1.3x"
+            elif variant == "fp32":
+                target, notes = 1.0, "same maths: no regression"
             rows.append(
                 compare(
                     "training",
                     f"one optimiser step, {setting}",
                     "TrainLoop.run_step, fp32",
-                    f"Trainer.train_step, {precision}" + (" (recommended on CPU)" if recommended else ""),
+                    f"Trainer.train_step, {variant}" + (" (recommended)" if recommended else ""),
                     times["published"],
-                    times[precision],
+                    times[variant],
                     unit="s/step",
                     batch=batch,
                     throughput="steps/s",
-                    target=1.3 if recommended else 1.0,
-                    notes="target 1.3x: recommended settings" if recommended else "same maths: no regression",
+                    target=target,
+                    notes=notes,
                 )
             )
-        log(f"training {spec}: " + ", ".join(f"{k} {statistics.median(v):.3g} s" for k, v in times.items()))
+        log(
+            f"training {spec}: "
+            + ", ".join(f"{k} {statistics.median(v[_clock]):.3g} s" for k, v in times.items())
+        )
     return rows
 
 
@@ -559,44 +606,32 @@ def part_eval128(pub: types.ModuleType, args: argparse.Namespace, log: Callable[
                 return ours(x, t, feat)
 
         diff = float((fwd_published() - fwd_ours()).abs().max())  # also the warm-up
-        fwd_ours_bf16()
-        times = interleaved(
-            {"published": fwd_published, "fp32": fwd_ours, "bf16": fwd_ours_bf16}, args.eval128_rounds
-        )
+        tasks = {"published": fwd_published, "fp32": fwd_ours, "bf16": fwd_ours_bf16}
+        tasks = {k: v for k, v in tasks.items() if k == "published" or k in args.eval128_variants}
+        if "bf16" in tasks:
+            fwd_ours_bf16()
+        times = interleaved(tasks, args.eval128_rounds)
         setting = f"{args.eval128_flags} flags ({size} px), random weights, batch {b}"
-        rows.append(
-            compare(
-                "eval128",
-                f"one UNet evaluation, {setting}",
-                "UNetModel.forward, fp32",
-                "UNetModel.forward, fp32",
-                times["published"],
-                times["fp32"],
-                unit="s/(image x eval)",
-                per=b,
-                batch=b,
-                throughput="image-evals/s",
-                target=1.0,
-                check=f"outputs max abs diff {diff:.2g}",
+        for variant in args.eval128_variants:
+            rows.append(
+                compare(
+                    "eval128",
+                    f"one UNet evaluation, {setting}",
+                    "UNetModel.forward, fp32",
+                    "UNetModel.forward, fp32" if variant == "fp32" else "UNetModel.forward, bf16 autocast",
+                    times["published"],
+                    times[variant],
+                    unit="s/(image x eval)",
+                    per=b,
+                    batch=b,
+                    throughput="image-evals/s",
+                    target=1.0 if variant == "fp32" else None,
+                    check=f"outputs max abs diff {diff:.2g}" if variant == "fp32" else "",
+                )
             )
-        )
-        rows.append(
-            compare(
-                "eval128",
-                f"one UNet evaluation, {setting}",
-                "UNetModel.forward, fp32",
-                "UNetModel.forward, bf16 autocast",
-                times["published"],
-                times["bf16"],
-                unit="s/(image x eval)",
-                per=b,
-                batch=b,
-                throughput="image-evals/s",
-            )
-        )
         log(
             f"eval128 batch {b}: "
-            + ", ".join(f"{k} {statistics.median(v) / b:.3g} s/image" for k, v in times.items())
+            + ", ".join(f"{k} {statistics.median(v[_clock]) / b:.3g} s/image" for k, v in times.items())
         )
     return rows
 
@@ -711,7 +746,7 @@ def part_quality(pub: types.ModuleType, args: argparse.Namespace, log: Callable[
                 args.our_batch,
             )
     names = list(settings)
-    times: dict[str, list[float]] = {k: [] for k in names}
+    times = new_times(names)
     metrics: dict[str, dict[str, list[float]]] = {k: {"fd_rep": [], "mrr": []} for k in names}
     score = EvalSettings(
         features=features,
@@ -727,13 +762,13 @@ def part_quality(pub: types.ModuleType, args: argparse.Namespace, log: Callable[
         k = r % len(names)
         for name in names[k:] + names[:k]:  # rotating order: the seeds are the rounds
             impl, sampler, steps, precision, batch = settings[name]
-            start = _now()
-            x = (
-                run_published(1000 + seed)
-                if impl == "published"
-                else run_ours(seed, sampler, steps, precision, batch)
-            )
-            times[name].append(_now() - start)
+            with Stopwatch() as sw:
+                x = (
+                    run_published(1000 + seed)
+                    if impl == "published"
+                    else run_ours(seed, sampler, steps, precision, batch)
+                )
+            record(times, name, sw)
             npz = out / f"{name.replace(' ', '_').replace(':', '-')}_seed{seed}.npz"
             write_npz(
                 npz,
@@ -745,7 +780,7 @@ def part_quality(pub: types.ModuleType, args: argparse.Namespace, log: Callable[
             metrics[name]["fd_rep"].append(float(values["fd_rep"]))
             metrics[name]["mrr"].append(float(values["mrr"]))
             log(
-                f"quality seed {seed} {name}: {times[name][-1] / n:.4f} s/image, "
+                f"quality seed {seed} {name}: {times[name][_clock][-1] / n:.4f} s/image, "
                 f"FD_rep {values['fd_rep']:.4f}, MRR {values['mrr']:.4f}"
             )
 
@@ -753,7 +788,7 @@ def part_quality(pub: types.ModuleType, args: argparse.Namespace, log: Callable[
     table = []
     for name in names:
         impl, sampler, steps, precision, batch = settings[name]
-        per = [t / n for t in times[name]]
+        per = [t / n for t in times[name][_clock]]
         m = metrics[name]
         table.append(
             {
@@ -767,6 +802,9 @@ def part_quality(pub: types.ModuleType, args: argparse.Namespace, log: Callable[
                 "s_per_image_median": statistics.median(per),
                 "s_per_image_min": min(per),
                 "s_per_image_max": max(per),
+                "s_per_image_other_clock": statistics.median(
+                    t / n for t in times[name]["wall" if _clock == "cpu" else "cpu"]
+                ),
                 "images_per_s": 1.0 / statistics.median(per),
                 "fd_rep_mean": statistics.fmean(m["fd_rep"]),
                 "fd_rep_min": min(m["fd_rep"]),
@@ -792,7 +830,7 @@ def part_quality(pub: types.ModuleType, args: argparse.Namespace, log: Callable[
         "equal: mean over the seeds no worse than the protocol's mean by more than its seed-to-seed "
         "spread (max-min), for FD_rep and MRR both"
     )
-    setting = f"{n} conditionings of {features.name}, {len(times['published'])} seeds, {size} px"
+    setting = f"{n} conditionings of {features.name}, {len(times['published']['cpu'])} seeds, {size} px"
     rows = []
     same = f"ours ddpm:{args.ref_steps} fp32 b{args.ref_batch}"
     rows.append(
@@ -879,7 +917,7 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str
 
 MD_HEADER = (
     "| part | case | published | ours | published: median (min-max) | ours: median (min-max) | "
-    "ratio published/ours (min-max over rounds) | target | status | check / quality |"
+    "ratio published/ours (min-max over rounds), n | other clock | target | status | check / quality |"
 )
 
 
@@ -890,10 +928,12 @@ def markdown(rows: Sequence[dict[str, Any]], env: dict[str, Any], quality: Seque
         "",
         f"Machine: {env['cpu']}, {env['threads']} thread(s), PyTorch {env['torch']}; load average (1 min) "
         f"{env['load_before'][0]:.2f} before, {env['load_after'][0]:.2f} after; {env['date']}. Times in "
-        "seconds; ratio = published time / our time (> 1: ours faster).",
+        f"seconds of {env['clock']} time per unit (cpu: this process's CPU time, which leaves out the time "
+        "other jobs hold the cores; wall: elapsed); ratio = published time / our time (> 1: ours faster), "
+        "its spread = the min-max of the per-round ratios; the other clock's ratio is shown beside it.",
         "",
         MD_HEADER,
-        "| --- | --- | --- | --- | ---: | ---: | ---: | --- | --- | --- |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | --- | --- | --- | --- |",
     ]
     for r in rows:
         quality_text = ""
@@ -904,7 +944,8 @@ def markdown(rows: Sequence[dict[str, Any]], env: dict[str, Any], quality: Seque
             f"{r['published_median']:.4g} ({r['published_min']:.4g}-{r['published_max']:.4g}) {r['unit']}; "
             f"{r['published_per_s']} | {r['ours_median']:.4g} ({r['ours_min']:.4g}-{r['ours_max']:.4g}) "
             f"{r['unit']}; {r['ours_per_s']} | **{r['ratio']:.2f}x** "
-            f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}), {r['rounds']} | {r['target']} | {r['status']} | "
+            f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}), {r['rounds']} | {r['ratio_other_clock']} | "
+            f"{r['target']} | {r['status']} | "
             f"{r['check']}{quality_text} |"
         )
     if quality:
@@ -947,6 +988,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (same_maths, training)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: see docs/speed.md)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clock", choices=CLOCKS, default="cpu", help="the clock ratios are computed on")
     p.add_argument("--sample-flags", default="small", help="model flags of same_maths (see flags_from_spec)")
     p.add_argument("--sample-batch", type=int, default=8)
     p.add_argument("--ddpm-steps", type=int, default=100)
@@ -955,11 +997,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-flags", default="demo,small", help="comma list of model flag specs (training)")
     p.add_argument("--train-batch", default="32,8", help="comma list: the batch of each --train-flags")
     p.add_argument("--train-repeats", type=int, default=3, help="optimiser steps per round")
-    p.add_argument("--train-precision", default="bf16", help="our recommended training precision on CPU")
+    p.add_argument(
+        "--train-variants",
+        default="fp32,fp32+channels_last,bf16",
+        help="our training settings: precision[+channels_last][+compile], comma separated",
+    )
+    p.add_argument("--train-recommended", default="fp32", help="the variant the 1.3x target applies to")
+    p.add_argument("--train-warmup", type=int, default=1, help="untimed steps first (compilation)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--eval128-flags", default="128")
     p.add_argument("--eval128-batches", default="1,2")
     p.add_argument("--eval128-rounds", type=int, default=2)
+    p.add_argument("--eval128-variants", default="fp32", help="ours: fp32 and/or bf16 (autocast)")
     p.add_argument("--checkpoint", default=None, help="quality: a trained model (EMA state dict)")
     p.add_argument("--model-flags", default=None, help="quality: its model_flags.json")
     p.add_argument("--features", default=None, help="quality: validation features file (conditionings)")
@@ -975,7 +1024,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--candidates",
         default="dpm-solver++:10,dpm-solver++:15,dpm-solver++:20,dpm-solver++:25,ddim:25,ddpm:50",
     )
-    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--precisions", default="fp32", help="quality: our precisions to try (fp32, bf16)")
     p.add_argument("--smoke", action="store_true", help="tiny model, one round, a few steps (CI)")
     args = p.parse_args(argv)
     args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
@@ -986,18 +1035,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.rounds, args.sample_flags, args.sample_batch = 1, "tiny", 2
         args.ddpm_steps, args.ddim_steps, args.fwd_repeats = 10, 5, 1
         args.train_flags, args.train_batch, args.train_repeats = "tiny", "4", 1
+        args.train_variants, args.train_recommended = "fp32,bf16", "fp32"
+        args.eval128_variants = "fp32,bf16"
         args.eval128_flags, args.eval128_batches, args.eval128_rounds = "tiny", "1", 1
     args.train_flags = [s.strip() for s in args.train_flags.split(",")]
+    args.train_variants = [s.strip() for s in args.train_variants.split(",")]
+    if args.train_recommended not in args.train_variants:
+        p.error("--train-recommended must be one of --train-variants")
     args.train_batch = [int(s) for s in str(args.train_batch).split(",")]
     if len(args.train_batch) != len(args.train_flags):
         p.error("--train-batch needs one batch size per --train-flags entry")
     args.eval128_batches = [int(s) for s in args.eval128_batches.split(",")]
+    args.eval128_variants = [s.strip() for s in args.eval128_variants.split(",")]
     args.precisions = [s.strip() for s in args.precisions.split(",")]
     return args
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the chosen parts; write CSV, Markdown and JSON; return the JSON document."""
+    global _clock
+    _clock = args.clock
     torch.set_num_threads(args.threads)
     pub = import_published(args.published)
     out = Path(args.out)
@@ -1007,6 +1064,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"vs_published: {message}", file=sys.stderr, flush=True)
 
     env = {
+        "clock": args.clock,
         "cpu": _cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
