@@ -64,7 +64,7 @@ def rule_graph(cwd: Path, *args: str) -> dict[str, set[str]]:
     return deps
 
 
-def write_config(tmp_path: Path, base: str, **changes) -> Path:
+def write_config(tmp_path: Path, base: str, name: str = "config.yaml", **changes) -> Path:
     cfg = yaml.safe_load((ROOT / "config" / base).read_text())
     for dotted, value in changes.items():
         node = cfg
@@ -72,7 +72,7 @@ def write_config(tmp_path: Path, base: str, **changes) -> Path:
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    path = tmp_path / "config.yaml"
+    path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -328,6 +328,62 @@ def test_every_stage_can_be_named(micro_run, tmp_path):
         assert set(until) - {"total"} <= needs[stage] | {stage}, (stage, until)
         assert force[stage] == full[stage], (stage, force)
         assert not (needs[stage] - remade.get(stage, set())) & set(force), (stage, force)
+
+
+# Settings that change how fast a job runs, never what it writes (the weights do not depend on the number of
+# processes nor on micro-batches; samples not on their batch size: noise per (seed, conditioning, sample)).
+THROUGHPUT = {
+    "extract.batch_size": 8,
+    "extract.workers": 1,
+    "train.workers": 1,
+    "train.log_interval": 3,
+    "train.save_interval": 3,
+    "train.microbatch": 4,
+    "train.retries": 2,
+    "sample.batch_size": 3,
+    "evaluate.batch_size": 5,
+    "evaluate.workers": 0,
+    "tradeoff.batch_size": 7,
+    "studies.batch_size": 3,
+    "device": "auto",
+    "trust_checkpoints": True,
+    "resources.default": {"threads": 2, "mem_mb": 3000, "runtime": 30},
+    "resources.train": {"gpu": 2},
+}
+# Settings that change results, and the stage they change: that stage and everything after it reruns.
+RESULT_CHANGING = {
+    "pretrain.steps": (6, "pretrain"),
+    "extract.feature_dtype": ("float16", "extract_features"),
+    "train.batch_size": (4, "train"),
+    "sample.steps": (5, "sample"),
+    "studies.steps": (3, "study"),
+}
+
+
+@pytest.mark.slow
+def test_reruns_follow_what_determines_results(micro_run, tmp_path):
+    """After a complete run, a changed throughput setting plans no job; a changed result-changing setting
+    plans exactly the jobs of its stage and of every stage after it."""
+    work, _, _ = micro_run
+    micro = str(ROOT / "config" / "micro.yaml")
+    full = job_counts(snakemake("-n", "--configfile", micro, cwd=tmp_path).stdout)
+    needs = rule_graph(tmp_path, "--configfile", micro)
+    changes = THROUGHPUT | {key: value for key, (value, _) in RESULT_CHANGING.items()}
+
+    def plan(key: str) -> dict[str, int]:
+        cfg = write_config(tmp_path, "micro.yaml", name=f"{key}.yaml", **{key: changes[key]})
+        proc = snakemake("-n", "--configfile", str(cfg), cwd=work)
+        assert proc.returncode == 0, (key, proc.stderr[-2000:])
+        return job_counts(proc.stdout)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        plans = dict(zip(changes, pool.map(plan, changes)))
+    for key in THROUGHPUT:
+        assert plans[key] == {}, f"changing {key} reruns {plans[key]}"
+    for key, (_, stage) in RESULT_CHANGING.items():
+        rerun = {stage} | {rule for rule, up in needs.items() if stage in up}
+        expected = {rule: count for rule, count in full.items() if rule in rerun}
+        assert plans[key] == {**expected, "total": sum(expected.values())}, f"changing {key}"
 
 
 @pytest.mark.slow

@@ -60,12 +60,13 @@ def opts(**options) -> str:
     return shlex.join(args)
 
 
-def device_opt() -> str:
-    return opts(device=None if config["device"] == "auto" else config["device"])
-
-
-def trust_flag(flag: str = "--trust-checkpoint") -> str:
-    return flag if config["trust_checkpoints"] else ""
+def run_opts(trust: str = "", **options) -> str:
+    """A stage's throughput options (how fast a job runs, never what it writes: workers, inference batch sizes,
+    log/save intervals, the device, the stage's flag allowing pickled weight files). Rules pass them as the
+    resource `run_opts`: Snakemake reruns a job whose params changed, never one whose resources did."""
+    trust = trust if config["trust_checkpoints"] else ""
+    device = opts(device=None if config["device"] == "auto" else config["device"])
+    return " ".join(part for part in (opts(**options), trust, device) if part)
 
 
 def extra(stage: str) -> str:
@@ -104,10 +105,9 @@ def extract_jobs(dataset: str) -> list[dict]:
     return [dict(zip(("shard", "num"), re.fullmatch(r"x\.part-(\d+)-of-(\d+)\.h5", n).groups())) for n in names]
 
 
-# Options of `rcdm extract` shared by images and features jobs
-_ex = config["extract"]
-EXTRACT_RUN = opts(on_bad_image=config["data"]["on_bad_image"], batch_size=_ex["batch_size"], workers=_ex["workers"])
-EXTRACT_RUN = " ".join([EXTRACT_RUN, device_opt(), _ex["extra_args"]]).strip()
+# Options of `rcdm extract` shared by images and features jobs: what they write, how fast
+EXTRACT_OPTS = " ".join(filter(None, [opts(on_bad_image=config["data"]["on_bad_image"]), extra("extract")]))
+EXTRACT_RUN = {k: config["extract"][k] for k in ("batch_size", "workers")}
 
 
 def part_files(path: str, num_shards: int) -> list[str]:

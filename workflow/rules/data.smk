@@ -15,12 +15,14 @@ rule extract_images:
         # the CLI names shard i of k>1 itself (X.h5 -> X.part-000i-of-000k.h5) and writes one shard as named
         out=lambda wc, output: opts(images_out=output[0] if int(wc.num) == 1 else IMAGES.format(**wc)),
         shard=shard_args,
-        run=EXTRACT_RUN,
+        opts=EXTRACT_OPTS,
     threads: rule_threads("extract_images")
     resources:
         **rule_resources("extract_images"),
+        run_opts=run_opts(**EXTRACT_RUN),
     shell:
-        "rcdm extract {params.data} {params.size} {params.out} {params.shard} {params.run} > {log} 2>&1"
+        "rcdm extract {params.data} {params.size} {params.out} {params.shard} {params.opts} {resources.run_opts} "
+        "> {log} 2>&1"
 
 
 rule merge_images:

@@ -15,17 +15,17 @@ rule pretrain:
         f"{BENCH}/pretrain/{{encoder}}.tsv"
     params:
         opts=opts(
-            **{k: v for k, v in config["pretrain"].items() if k != "extra_args"},
+            **{k: v for k, v in sorted(config["pretrain"].items()) if k != "extra_args"},  # whatever the YAML order
             seed=config["seed"],
         ),
-        device=device_opt(),
         extra=extra("pretrain"),
     threads: rule_threads("pretrain")
     resources:
         **rule_resources("pretrain"),
+        run_opts=run_opts(),
     shell:
         "rcdm pretrain --images {input.images} --probe {input.probe} --out {output.encoder} "
-        "--log {output.losses} {params.opts} {params.device} {params.extra} > {log} 2>&1"
+        "--log {output.losses} {params.opts} {params.extra} {resources.run_opts} > {log} 2>&1"
 
 
 # Always defined, so `--until fetch` / `--forcerun fetch` work; without fetch_weights it matches no file.

@@ -20,21 +20,19 @@ rule evaluate:
             run_id=f"{wc.encoder}-{wc.layer}-{config['sample']['sampler']}{config['sample']['steps']}",
             dataset=f"{config['experiment']}:val",
         ),
-        encoder=lambda wc: f"{encoder_args(wc.encoder)} {trust_flag('--trust-encoder')} --layer {wc.layer}",
+        encoder=lambda wc: f"{encoder_args(wc.encoder)} --layer {wc.layer}",
         opts=opts(
             weights_dir=WEIGHTS,
             **{k: config["evaluate"][k] for k in ("n_reference", "n_fid", "rank_metric", "precision_recall")},
-            **{k: config["evaluate"][k] for k in ("batch_size", "workers")},
         ),
-        device=device_opt(),
         extra=extra("evaluate"),
     threads: rule_threads("evaluate")
     resources:
         **rule_resources("evaluate"),
+        run_opts=run_opts(trust="--trust-encoder", **{k: config["evaluate"][k] for k in ("batch_size", "workers")}),
     shell:
         "rcdm evaluate --samples {input.samples} --out {output} {params.run} --reference-images {input.reference} "
-        "--features {input.features} {params.encoder} {params.opts} {params.device} {params.extra} > {log} 2>&1"
-
+        "--features {input.features} {params.encoder} {params.opts} {params.extra} {resources.run_opts} > {log} 2>&1"
 
 rule tradeoff:
     """Sampler speed versus quality on a subset of val: FD_rep and MRR against the number of UNet evaluations."""
@@ -60,19 +58,13 @@ rule tradeoff:
     params:
         out=lambda wc, output: Path(output.table).parent,
         encoder=lambda wc: encoder_args(wc.encoder),
-        opts=" ".join(
-            [
-                opts(**{k: config["tradeoff"][k] for k in ("samplers", "steps", "num_cond", "batch_size")}),
-                opts(seed=config["seed"]),
-                trust_flag(),
-                device_opt(),
-                config["tradeoff"]["extra_args"],
-            ]
-        ),
+        opts=opts(**{k: config["tradeoff"][k] for k in ("samplers", "steps", "num_cond")}, seed=config["seed"]),
+        extra=extra("tradeoff"),
     threads: rule_threads("tradeoff")
     resources:
         **rule_resources("tradeoff"),
+        run_opts=run_opts(trust="--trust-checkpoint", batch_size=config["tradeoff"]["batch_size"]),
     shell:
         "rcdm tradeoff --checkpoint {input.checkpoint} --flags {input.flags} --features {input.features} "
-        "--images {input.images} {params.encoder} --layer {wildcards.layer} {params.opts} --out {params.out} "
-        "> {log} 2>&1"
+        "--images {input.images} {params.encoder} --layer {wildcards.layer} {params.opts} {params.extra} "
+        "{resources.run_opts} --out {params.out} > {log} 2>&1"

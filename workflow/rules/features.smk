@@ -15,18 +15,19 @@ rule extract_features:
         f"{BENCH}/extract_features/{{encoder}}/{{dataset}}.{{shard}}-of-{{num}}.tsv"
     params:
         data=lambda wc: dataset_args(wc.dataset),
-        encoder=lambda wc: f"{encoder_args(wc.encoder)} {trust_flag('--trust-encoder')}",
+        encoder=lambda wc: encoder_args(wc.encoder),
         dtype=opts(dtype=config["extract"]["feature_dtype"]),
         # <folder>/<layer>.h5 for one shard, <folder>/<layer>.part-000i-of-000k.h5 (named by the CLI) for k > 1
         out=lambda wc, output: opts(features_out=[f"{l}={output[0]}/{l}.h5" for l in ENCODERS[wc.encoder]["layers"]]),
         shard=shard_args,
-        run=EXTRACT_RUN,
+        opts=EXTRACT_OPTS,
     threads: rule_threads("extract_features")
     resources:
         **rule_resources("extract_features"),
+        run_opts=run_opts(trust="--trust-encoder", **EXTRACT_RUN),
     shell:
-        "rcdm extract {params.data} {params.encoder} {params.dtype} {params.out} {params.shard} {params.run} "
-        "> {log} 2>&1"
+        "rcdm extract {params.data} {params.encoder} {params.dtype} {params.out} {params.shard} {params.opts} "
+        "{resources.run_opts} > {log} 2>&1"
 
 
 rule merge_features:

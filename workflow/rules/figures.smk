@@ -2,13 +2,7 @@
 # last, <study>.json (its settings) per model, on the val images (ood: on each OOD set). trunk-head compares an
 # encoder's two models: its <layer> is `both`, its first model the trunk's.
 PROBE = STUDIES["probe"] and config["data"]["train"]["source"] == "shapes"  # the shapes factor probe
-STUDY_OPTS = " ".join(
-    [
-        opts(**{k: STUDIES[k] for k in ("num_images", "samples", "sampler", "steps", "batch_size")}, seed=config["seed"]),
-        trust_flag(),
-        device_opt(),
-    ]
-)
+STUDY_OPTS = opts(**{k: STUDIES[k] for k in ("num_images", "samples", "sampler", "steps")}, seed=config["seed"])
 FIRST_LAYER = {"trunk": "trunk", "head": "head", "both": "trunk"}  # the model `--checkpoint` loads
 
 
@@ -24,12 +18,13 @@ rule study_probe:
         f"{BENCH}/study/probe.tsv"
     params:
         out=lambda wc, output: Path(output.probe).parent,
-        opts=f"{opts(seed=config['seed'])} {device_opt()} {STUDIES['extra_args'].get('probe', '')}",
+        opts=f"{opts(seed=config['seed'])} {STUDIES['extra_args'].get('probe', '')}",
     threads: rule_threads("study_probe")
     resources:
         **rule_resources("study_probe"),
+        run_opts=run_opts(),
     shell:
-        "rcdm study probe --images {input.images} --out {params.out} {params.opts} > {log} 2>&1"
+        "rcdm study probe --images {input.images} --out {params.out} {params.opts} {resources.run_opts} > {log} 2>&1"
 
 
 rule study:
@@ -55,7 +50,12 @@ rule study:
             caption="../report/study.rst",
             category="Studies",
             subcategory="{study}",
-            labels={"study": "{study}", "encoder": "{encoder}", "layer": "{layer}", "images": "{dataset}"},
+            labels=lambda wc: {
+                "study": wc.study,
+                "encoder": wc.encoder,
+                "layer": "trunk vs head" if wc.layer == "both" else wc.layer,
+                "images": wc.dataset,
+            },
         ),
         numbers=f"{STUDY}/{{study}}.csv",
     log:
@@ -79,7 +79,8 @@ rule study:
     threads: rule_threads("study")
     resources:
         **rule_resources("study"),
+        run_opts=run_opts(trust="--trust-checkpoint", batch_size=STUDIES["batch_size"]),
     shell:
         "rcdm study {wildcards.study} --checkpoint {input.checkpoint} --model-flags {input.flags} {params.head} "
         "{params.encoder} {params.layer} --images {input.images} --features {input.features} "
-        "{params.probe} {params.opts} --out {params.out} > {log} 2>&1"
+        "{params.probe} {params.opts} {resources.run_opts} --out {params.out} > {log} 2>&1"

@@ -29,19 +29,17 @@ rule sample:
             **{k: config["sample"][k] for k in ("sampler", "steps", "eta")},
             no_clip=not config["sample"]["clip_denoised"],
             seed=config["seed"],
-            **{k: config["sample"][k] for k in ("batch_size", "precision")},
+            precision=config["sample"]["precision"],
         ),
-        trust=trust_flag(),
-        device=device_opt(),
         extra=extra("sample"),
     threads: rule_threads("sample")
     resources:
         **rule_resources("sample"),
+        # the noise is drawn per (seed, conditioning, sample): the samples do not depend on the batch size
+        run_opts=run_opts(trust="--trust-checkpoint", batch_size=config["sample"]["batch_size"]),
     shell:
-        "rcdm sample --checkpoint {input.checkpoint} --model-flags {input.flags} {params.trust} "
-        "--features {input.features} {params.opts} {params.device} {params.out} {params.shard} {params.extra} "
-        "> {log} 2>&1"
-
+        "rcdm sample --checkpoint {input.checkpoint} --model-flags {input.flags} --features {input.features} "
+        "{params.opts} {params.out} {params.shard} {params.extra} {resources.run_opts} > {log} 2>&1"
 
 rule merge_samples:
     input:

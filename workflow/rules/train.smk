@@ -5,7 +5,8 @@
 import hashlib
 import json
 
-MODEL_FLAGS = {**config["model"], "image_size": config["data"]["image_size"]}
+# sorted: Snakemake compares params as written, so a reordered config file would rerun everything
+MODEL_FLAGS = dict(sorted({**config["model"], "image_size": config["data"]["image_size"]}.items()))
 # One checkpoint folder per model configuration: a rerun with the same flags resumes, changed flags start
 # afresh (old checkpoints stay until deleted).
 CHECKPOINTS = f"{R}/checkpoints/{{encoder}}/{{layer}}/"
@@ -38,31 +39,28 @@ rule train:
     benchmark:
         f"{BENCH}/train/{{encoder}}/{{layer}}.tsv"
     params:
-        # `rcdm` for one process; torchrun with one process per GPU when the rule has several GPUs
-        launch=lambda wc, resources: (
-            f"torchrun --standalone --nproc-per-node={resources.gpu} -m rcdm"
-            if int(getattr(resources, "gpu", 0) or 0) > 1
-            else "rcdm"
-        ),
         out=lambda wc: opts(out=MODEL.format(**wc), ckpt_dir=CHECKPOINTS.format(**wc)),
         opts=opts(
             steps=config["train"]["steps"],
             time_budget=config["train"]["time_budget"] or 0,
-            **{k: config["train"][k] for k in ("batch_size", "microbatch", "lr", "weight_decay")},
+            **{k: config["train"][k] for k in ("batch_size", "lr", "weight_decay")},
             ema=config["train"]["ema_rates"],
-            **{k: config["train"][k] for k in ("precision", "save_interval", "log_interval", "workers")},
+            precision=config["train"]["precision"],
             seed=config["seed"],
         ),
-        device=device_opt(),
         extra=extra("train"),
     threads: rule_threads("train")
     resources:
-        **rule_resources("train"),
+        **{"gpu": 0, **rule_resources("train")},
+        # the weights do not depend on these, nor on the number of processes (the batch is global, its noise
+        # drawn per step; micro-batches average to the same gradient)
+        run_opts=run_opts(**{k: config["train"][k] for k in ("microbatch", "save_interval", "log_interval", "workers")}),
     retries: config["train"]["retries"]
     shell:
-        "{params.launch} train --images {input.images} --features {input.features} --model-flags {input.flags} "
-        "{params.out} --resume auto {params.opts} {params.device} {params.extra} > {log} 2>&1"
-
+        # torchrun with one process per GPU when the job has several
+        "$([ {resources.gpu} -gt 1 ] && echo torchrun --standalone --nproc-per-node={resources.gpu} -m) "
+        "rcdm train --images {input.images} --features {input.features} --model-flags {input.flags} {params.out} "
+        "--resume auto {params.opts} {params.extra} {resources.run_opts} > {log} 2>&1"
 
 rule run_flags:
     """The full model flags of a trained run (what sampling needs to rebuild the network)."""
