@@ -113,31 +113,38 @@ def test_one_minute_limit_resumes_bit_identical(cluster, data, tmp_path, procs):
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
 
 
-def _squeue(name: str) -> list[str]:
+def _jobs() -> list[str]:
+    """``JOBID NAME STATE`` of every job in the queue."""
     out = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if name in line]
+    return out.splitlines()
+
+
+def _start_snakemake(snakefile: Path, tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    """Snakemake (5-minute job limit) in the background, once its job runs: (process, SLURM job id)."""
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "-d", str(tmp_path), *PLUGIN_FLAGS]
+    cmd[cmd.index("runtime=1")] = "runtime=5"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(line.endswith("RUNNING") for line in _jobs()):
+        time.sleep(2)
+    running = [line for line in _jobs() if line.endswith("RUNNING")]
+    if not running:
+        proc.kill()
+        pytest.fail("the training job never started")
+    return proc, running[0].split()[0]
 
 
 def test_sigint_to_snakemake_cancels_its_job(cluster, data, tmp_path):
     root, img, feat, flags = data
-    args = _train_args(img, feat, flags, "run", 10**7)
-    snakefile = _snakefile(tmp_path, _launcher(1) + args, 1)
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "-d", str(tmp_path), *PLUGIN_FLAGS]
-    cmd[cmd.index("runtime=1")] = "runtime=5"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    snakefile = _snakefile(tmp_path, _launcher(1) + _train_args(img, feat, flags, "run", 10**7), 1)
+    proc, job = _start_snakemake(snakefile, tmp_path)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not any("RUNNING" in line for line in _squeue("")):
-            time.sleep(2)
-        running = [line for line in _squeue("") if "RUNNING" in line]
-        assert running, "the training job never started"
-        job = running[0].split()[0]
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
         deadline = time.time() + 60
-        while time.time() < deadline and any(line.startswith(job + " ") for line in _squeue("")):
+        while time.time() < deadline and any(line.startswith(job + " ") for line in _jobs()):
             time.sleep(2)
-        assert not any(line.startswith(job + " ") for line in _squeue("")), _squeue("")
+        assert not any(line.startswith(job + " ") for line in _jobs()), _jobs()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -154,20 +161,14 @@ def test_sigterm_to_snakemake_finishes_the_running_job_and_submits_no_more(clust
         "rule train:\n    output: 'run/model_final.pt'\n    threads: 1\n"
         f"    shell: 'OMP_NUM_THREADS=1 {train}'\n"
     )
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "-d", str(tmp_path), *PLUGIN_FLAGS]
-    cmd[cmd.index("runtime=1")] = "runtime=5"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, _ = _start_snakemake(snakefile, tmp_path)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not any("RUNNING" in line for line in _squeue("")):
-            time.sleep(2)
-        assert any("RUNNING" in line for line in _squeue("")), "the training job never started"
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=600)
         assert "Will exit after finishing currently running jobs" in out, out[-3000:]
         assert (tmp_path / "run" / "model_final.pt").is_file()  # the running job finished
         assert not (tmp_path / "after.txt").exists()  # nothing new was submitted
-        assert not _squeue("")
+        assert not _jobs()
     finally:
         if proc.poll() is None:
             proc.kill()
