@@ -29,3 +29,13 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         if dev.index is None:
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return dev
+
+
+def default_workers(cap: int = 4) -> int:
+    """Worker processes/threads for data loading: ``cap``, never more than the CPUs this process may use
+    (DataLoader warns, and slows down, when asked for more workers than cores)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cap, cores))

@@ -425,6 +425,9 @@ def test_missing_inception_and_encoder_leave_metrics_empty_with_reasons(toy, tmp
     r = pd.read_csv(tmp_path / "m.csv").iloc[0]
     assert np.isnan(r["fid"]) and r["top1"] == pytest.approx(0.5) and r["fd_rep"] >= 0
     assert r["status"].startswith("fid, is:")
+    assert r["encoder"] == "small"  # the encoder's kind, unless the configured name is given:
+    ev_mod.run(parser.parse_args(argv + ["--encoder-checkpoint", str(toy["enc"]), "--encoder-name", "demo"]))
+    assert pd.read_csv(tmp_path / "m.csv").iloc[0]["encoder"] == "demo"
 
 
 def test_wrong_encoder_file_is_refused(toy, tmp_path, capsys):

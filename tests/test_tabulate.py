@@ -57,7 +57,10 @@ def test_round_trip_latest_run_wins_and_paper_order(runs):
     assert "## imagenet" in md and "## shapes" in md
     assert "30.25 ± 1.50" in md and "20.50" in md and "0.500" in md
     assert "99.00" not in md  # the superseded run is not in Table 1
-    assert "Inception weights file pt_inception not found" in md  # why a cell is empty
+    assert "Inception weights file pt_inception not found" in md  # why a cell is empty ...
+    sup_line = next(line for line in md.splitlines() if "| supervised" in line)
+    assert sup_line.split("|")[-2].strip() == "[1]" and "Inception" not in sup_line  # ... as a footnote
+    assert "\n[1] fid, is: Inception weights file pt_inception not found\n" in md
     dino_line = next(line for line in md.splitlines() if "| dino" in line)
     assert "–" in dino_line  # FD_rep of that run is empty, shown as a dash, not a number
 
@@ -79,3 +82,18 @@ def test_cli_and_bad_inputs(runs, tmp_path):
     with pytest.raises(ValueError, match="missing columns run_id, dataset"):
         tab.tabulate([bad], tmp_path / "t2")
     assert not (tmp_path / "t2").exists() or not any((tmp_path / "t2").iterdir())
+
+
+def test_one_footnote_per_distinct_note(tmp_path):
+    note_a, note_b = "fid, is: no Inception file", "fd_rep: no encoder checkpoint"
+    for i, (enc, note) in enumerate([("a", note_a), ("b", note_b), ("c", note_a), ("d", "ok")]):
+        row = _row(run_id=enc, encoder=enc, layer="trunk", status=note)
+        write_metrics_csv(tmp_path / "m" / f"{i}.csv", row)
+    md = tab.tabulate(sorted((tmp_path / "m").glob("*.csv")), tmp_path / "t")["table1.md"].read_text()
+    lines = md.splitlines()
+    marks = {
+        enc: next(x for x in lines if x.startswith(f"| {enc} ")).split("|")[-2].strip() for enc in "abcd"
+    }
+    assert marks == {"a": "[1]", "b": "[2]", "c": "[1]", "d": ""}
+    assert md.count(note_a) == 1 and md.count(note_b) == 1
+    assert f"[1] {note_a}" in lines and f"[2] {note_b}" in lines

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from rcdm import encoders
-from rcdm.device import DEVICE_HELP, resolve_device
+from rcdm.device import DEVICE_HELP, default_workers, resolve_device
 from rcdm.formats import hdf5
 from rcdm.formats.metrics_csv import write_metrics_csv
 from rcdm.formats.npz import read_npz_meta
@@ -23,6 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", required=True, help="samples .npz written by `rcdm merge-samples`")
     parser.add_argument("--out", required=True, help="metrics.csv to write")
     parser.add_argument("--run-id", help="run identifier (default: the samples file's folder name)")
+    parser.add_argument(
+        "--encoder-name",
+        help="encoder name for metrics.csv and the tables (default: the encoder's kind: dino, small, ...)",
+    )
     parser.add_argument("--dataset", help="dataset name for the table (default: from the samples' settings)")
     g = parser.add_argument_group("realism (FID, IS, precision/recall)")
     g.add_argument("--weights-dir", default="weights", help="folder holding the FID Inception weights file")
@@ -55,7 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rank-metric", default="cosine", choices=("cosine", "l2"))
     g = parser.add_argument_group("execution")
     g.add_argument("--batch-size", type=int, default=100)
-    g.add_argument("--workers", type=int, default=4, help="threads cropping samples for the encoder")
+    g.add_argument(
+        "--workers", type=int, default=default_workers(), help="threads cropping samples for the encoder"
+    )
     g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--no-progress", action="store_true")
 
@@ -119,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         ev.values["dataset"] = args.dataset
     if encoder is not None:
         ev.values["encoder"], ev.values["layer"] = encoder.encoder_name, encoder.layer
+    if args.encoder_name:
+        ev.values["encoder"] = args.encoder_name
     ev.values["timestamp"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     row = ev.row()
     write_metrics_csv(args.out, row)

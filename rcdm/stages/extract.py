@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from rcdm.data import BAD_IMAGE_POLICIES, BadImageError, ImageSource, open_dataset
-from rcdm.device import DEVICE_HELP, resolve_device
+from rcdm.device import DEVICE_HELP, default_workers, resolve_device
 from rcdm.formats import hdf5 as hs
 from rcdm.io import atomic_path, sha256_file
 from rcdm.preprocess import CROP_METHOD, INPUT_NORMS, center_crop_arr, encoder_input
@@ -574,7 +574,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--shard", type=int, default=0)
     r.add_argument("--num-shards", type=int, default=1)
     r.add_argument("--batch-size", type=int, default=64)
-    r.add_argument("--workers", type=int, default=4, help="DataLoader processes decoding and cropping")
+    r.add_argument(
+        "--workers", type=int, default=default_workers(), help="DataLoader processes decoding and cropping"
+    )
     r.add_argument("--device", default="auto", help=DEVICE_HELP)
     r.add_argument(
         "--precision", choices=tuple(PRECISIONS), default="fp32",

@@ -77,12 +77,26 @@ def _markdown_row(r: pd.Series) -> dict[str, str]:
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    """Table 1 as Markdown: one section per dataset; IS as mean ± std, empty metrics as "–"."""
+    """Table 1 as Markdown: one section per dataset; IS as mean ± std, empty metrics as "–".
+
+    A row's status note (why a metric is empty) becomes a numbered footnote under its section, one per
+    distinct note, so long reasons stay out of the table body.
+    """
     sections = []
     for dataset, part in table.groupby("dataset", sort=False, dropna=False):
         rows = pd.DataFrame([_markdown_row(r) for _, r in part.iterrows()])
+        notes: list[str] = []
+        marks = []
+        for note in rows["notes"]:
+            if note and note not in notes:
+                notes.append(note)
+            marks.append(f"[{notes.index(note) + 1}]" if note else "")
+        rows["notes"] = marks
         title = "(no dataset)" if pd.isna(dataset) else dataset
-        sections.append(f"## {title}\n\n{rows.to_markdown(index=False, disable_numparse=True)}\n")
+        text = f"## {title}\n\n{rows.to_markdown(index=False, disable_numparse=True)}\n"
+        if notes:
+            text += "\n" + "\n".join(f"[{i}] {note}" for i, note in enumerate(notes, 1)) + "\n"
+        sections.append(text)
     return "# Table 1: realism and faithfulness of RCDM samples\n\n" + "\n".join(sections)
 
 

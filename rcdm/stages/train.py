@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from rcdm.device import resolve_device
+from rcdm.device import default_workers, resolve_device
 from rcdm.distributed import DistContext, barrier, cleanup, init_distributed
 from rcdm.ema import EMA, rate_tag
 from rcdm.factory import read_model_flags
@@ -111,7 +111,7 @@ class TrainConfig:
     keep: int = 3
     export_interval: int = 0  # plain model/EMA exports every N steps besides the final ones (0: final only)
     log_interval: int = 100
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)  # DataLoader processes, <= the CPUs
     seed: int = 0
     time_budget: float = 0.0
     end_time: float = 0.0  # epoch seconds the job must stop by (0: SLURM's end time when under SLURM)
