@@ -298,20 +298,38 @@ def load_model(
     ``timestep_respacing="ddim25"``, ``use_fp16=True``) win over both. A mismatch raises
     :class:`CheckpointMismatchError`.
     """
-    from rcdm.factory import create_diffusion_from_flags, create_model_from_flags, resolve_flags
+    from rcdm.factory import create_diffusion_from_flags
 
-    raw = safe_torch_load(path, trust=trust)
-    sd = unwrap_state_dict(raw, source=str(path))
-    if flags is None and isinstance(raw, Mapping) and isinstance(raw.get("model_flags"), Mapping):
-        flags = raw["model_flags"]  # a training checkpoint records the flags it was built with
-    full = resolve_flags(**flags_for_checkpoint(sd, flags, **overrides))
-    # Built without allocating or initialising weights, then the checkpoint's tensors are adopted.
-    with torch.device("meta"):
-        model = create_model_from_flags(**{**full, "use_fp16": False})
-    check_state_dict(model, sd, full, source=str(path))
+    sd, full, model = _checked(path, flags, trust, overrides)
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     if full["use_fp16"]:
         model.convert_to_fp16()
     model.to(device).eval()
     return model, create_diffusion_from_flags(**full)
+
+
+def _checked(
+    path: str | os.PathLike, flags: Mapping[str, Any] | None, trust: bool, overrides: Mapping[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], torch.nn.Module]:
+    """(state dict, full flags, a meta-device model those flags build), the state dict checked against it."""
+    from rcdm.factory import create_model_from_flags, resolve_flags
+
+    raw = safe_torch_load(path, trust=trust)
+    sd = unwrap_state_dict(raw, source=str(path))
+    if flags is None and isinstance(raw, Mapping) and isinstance(raw.get("model_flags"), Mapping):
+        flags = raw["model_flags"]  # a training checkpoint records the flags it was built with
+    full = resolve_flags(**flags_for_checkpoint(sd, flags, **overrides))
+    # Built without allocating or initialising weights; load_model then adopts the checkpoint's tensors.
+    with torch.device("meta"):
+        model = create_model_from_flags(**{**full, "use_fp16": False})
+    check_state_dict(model, sd, full, source=str(path))
+    return sd, full, model
+
+
+def checkpoint_flags(
+    path: str | os.PathLike, overrides: Mapping[str, Any] | None = None, *, trust: bool = False
+) -> dict[str, Any]:
+    """Every flag :func:`load_model` builds ``path`` with (the flags a training checkpoint records, else the
+    published ones updated with what the file shows), ``overrides`` on top; checked against the file."""
+    return _checked(path, None, trust, dict(overrides or {}))[1]

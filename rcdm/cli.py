@@ -26,6 +26,7 @@ STAGES: dict[str, tuple[str, str]] = {
         "rcdm.stages.study",
         "run one of the paper's studies (ood, trunk-head, augment, adversarial, ...)",
     ),
+    "flags": ("rcdm.stages.flags", "the full model flags of an RCDM checkpoint (published or ours), as JSON"),
     "bench": ("rcdm.stages.bench", "measure throughput and memory of each stage"),
     "tradeoff": (
         "rcdm.stages.tradeoff",

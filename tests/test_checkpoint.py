@@ -257,3 +257,28 @@ def test_load_model_uses_flags_recorded_in_a_training_checkpoint(tmp_path, golde
     with torch.inference_mode():
         out = model(golden["x"], golden["t"], feat=golden["feat"])
     torch.testing.assert_close(out, golden["model_out"], rtol=1e-4, atol=1e-5)
+
+
+def test_flags_stage_reads_a_published_layout_file(tmp_path, golden, capsys):
+    """`rcdm flags` writes every flag a (published-layout) file loads with, checked against it; a wrong
+    flag is a one-line error, no traceback."""
+    import json
+
+    from rcdm.cli import main
+    from rcdm.factory import resolve_flags
+
+    path = tmp_path / "rcdm_ema_dino_trunk.pt"  # the published name and layout: a bare state dict
+    torch.save(golden["state_dict"], path)
+    out = tmp_path / "flags.json"
+    assert main(["flags", str(path), "--model-flags", '{"num_heads": 2}', "--out", str(out)]) == 0
+    flags = json.loads(out.read_text())
+    assert flags == json.loads(json.dumps(resolve_flags(**flags)))  # complete: every flag, resolved
+    assert flags["ssl_dim"] == 32 and flags["num_channels"] == 32 and flags["num_heads"] == 2  # read off
+    model, _ = load_model(path, flags)
+    with torch.inference_mode():
+        out_ = model(golden["x"], golden["t"], feat=golden["feat"])
+    torch.testing.assert_close(out_, golden["model_out"], rtol=1e-4, atol=1e-5)
+    bad = tmp_path / "bad.json"
+    assert main(["flags", str(path), "--model-flags", '{"ssl_dim": 2048}', "--out", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "rcdm flags:" in err and "ssl_dim" in err and "Traceback" not in err and not bad.exists()
