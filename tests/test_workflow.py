@@ -40,10 +40,9 @@ def job_counts(output: str) -> dict[str, int]:
 
 
 def stage_names() -> list[str]:
-    """The stages: the config's `resources` keys (but `default` and a deprecated alias), each a rule name."""
+    """The stages: the config's `resources` keys but `default`, each a rule name."""
     schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    keys = schema["properties"]["resources"]["properties"]
-    return [k for k, v in keys.items() if k != "default" and "deprecated" not in v.get("description", "")]
+    return [key for key in schema["properties"]["resources"]["properties"] if key != "default"]
 
 
 def rule_graph(cwd: Path, *args: str) -> dict[str, set[str]]:

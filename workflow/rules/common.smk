@@ -1,14 +1,13 @@
 # What several rules share: output paths, the configuration's datasets and encoders, command-line options,
-# per-rule resources, the default target. A rule's own parameters live in its own .smk file (functions live
-# here only: `snakemake --lint` wants no file with both rules and functions); checks that a JSON schema can
-# state live in ../schemas/config.schema.yaml, validated before this file runs.
+# per-rule resources. A rule's own parameters live in its own .smk file; functions live here only, since
+# `snakemake --lint` wants no file with both rules and functions. Checks that a JSON schema can state live in
+# ../schemas/config.schema.yaml, validated before this file runs.
 import json
 import re
 import shlex
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from snakemake.logging import logger
 
 R = f"{config['results_dir']}/{config['experiment']}"
 LOGS = f"{config['logs_dir']}/{config['experiment']}"
@@ -24,17 +23,13 @@ RUNS = [(name, layer) for name, enc in ENCODERS.items() for layer in enc["layers
 IMAGES = f"{R}/data/{{dataset}}/images.h5"
 ENCODER = f"{R}/encoders/{{encoder}}/encoder.pt"
 FEATURES = f"{R}/features/{{encoder}}/{{dataset}}/{{layer}}.h5"
-FEATURE_PARTS = f"{R}/features/{{encoder}}/{{dataset}}/parts-{{shard}}-of-{{num}}"  # one extraction job's layers
+FEATURE_PARTS = f"{R}/features/{{encoder}}/{{dataset}}/parts-{{shard}}-of-{{num}}"  # a features job's layers
 MODEL = f"{R}/models/{{encoder}}/{{layer}}"
 EMA = f"{MODEL}/ema_{float(config['train']['ema_rates'][0])!r}_final.pt"  # the first rate's: sampled from
 SAMPLES = f"{R}/samples/{{encoder}}/{{layer}}/{{dataset}}"
 METRICS = f"{R}/metrics/{{encoder}}/{{layer}}/metrics.csv"
 TRADEOFF = f"{R}/tradeoff/{{encoder}}/{{layer}}"
 STUDY = f"{R}/studies/{{encoder}}/{{layer}}/{{dataset}}/{{study}}"
-
-
-if "merge_extract" in config["resources"]:
-    logger.warning("config resources.merge_extract is deprecated: name merge_images and merge_features instead")
 
 
 wildcard_constraints:
@@ -97,12 +92,9 @@ def extract_shards(dataset: str) -> int:
 
 
 def extract_jobs(dataset: str) -> list[dict]:
-    """The wildcards {shard, num} of a dataset's extraction jobs (one per shard; one job: shard 0 of 1), as the
-    stage CLIs number their parts."""
-    from rcdm.formats.hdf5 import part_path
-
-    names = [part_path("x.h5", i, extract_shards(dataset)).name for i in range(extract_shards(dataset))]
-    return [dict(zip(("shard", "num"), re.fullmatch(r"x\.part-(\d+)-of-(\d+)\.h5", n).groups())) for n in names]
+    """The wildcards {shard, num} of a dataset's extraction jobs (one job: shard 0 of 1), as parts are named."""
+    parts = part_files("x.h5", extract_shards(dataset))
+    return [re.search(r"part-(?P<shard>\d+)-of-(?P<num>\d+)", part).groupdict() for part in parts]
 
 
 # Options of `rcdm extract` shared by images and features jobs: what they write, how fast
@@ -165,15 +157,13 @@ def encoder_args(encoder: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- resources
 _GPU_KEYS = {"gpu", "gpu_model", "cpus_per_gpu", "tasks_per_gpu"}
-_RESOURCE_KEYS = {"mem_mb", "runtime", "nodes", "slurm_partition", "slurm_account", "constraint", "qos", "slurm_extra"}
-_RESOURCE_KEYS |= _GPU_KEYS
+_RESOURCE_KEYS = {"mem_mb", "runtime", "nodes", "slurm_partition", "slurm_account", "constraint", "qos"}
+_RESOURCE_KEYS |= {"slurm_extra", *_GPU_KEYS}
 
 
 def _rule_config(rule: str) -> dict:
-    """`default`, then the rule's own entry (merge_images/merge_features: the deprecated merge_extract first)."""
-    res = config["resources"]
-    alias = res.get("merge_extract", {}) if rule in ("merge_images", "merge_features") else {}
-    merged = {**res.get("default", {}), **alias, **res.get(rule, {})}
+    """`default` updated with the rule's own entry."""
+    merged = {**config["resources"].get("default", {}), **config["resources"].get(rule, {})}
     return {k: v for k, v in merged.items() if v is not None and v != ""}
 
 
@@ -182,25 +172,6 @@ def rule_threads(rule: str) -> int:
 
 
 def rule_resources(rule: str) -> dict:
-    """Snakemake resources of a rule (SLURM requests; limits locally with --resources); GPU keys need gpu > 0."""
+    """A rule's Snakemake resources (SLURM requests; local limits with --resources); GPU keys need gpu > 0."""
     res = {k: v for k, v in _rule_config(rule).items() if k in _RESOURCE_KEYS}
     return res if res.get("gpu") else {k: v for k, v in res.items() if k not in _GPU_KEYS}
-
-
-# ---------------------------------------------------------------------------------------------- targets
-def all_targets() -> list[str]:
-    """What `snakemake` builds by default: every run's samples and grids, metrics, studies, the tables."""
-    targets = []
-    for encoder, layer in RUNS:
-        model = {"encoder": encoder, "layer": layer}
-        targets += [f"{SAMPLES}/samples.npz".format(**model, dataset=d) for d in DATASETS if d != "train"]
-        targets.append(METRICS.format(**model))
-        if config["tradeoff"]["run"]:
-            targets.append(f"{TRADEOFF}/tradeoff.csv".format(**model))
-    both = [(e, "both") for e, spec in ENCODERS.items() if set(spec["layers"]) == set(LAYERS)]  # trunk-head
-    for study in STUDIES["run"]:
-        models = both if study == "trunk-head" else RUNS
-        for dataset in config["data"]["ood"] if study == "ood" else ["val"]:
-            record = f"{STUDY}/{{study}}.json"  # written last
-            targets += [record.format(encoder=e, layer=l, dataset=dataset, study=study) for e, l in models]
-    return targets + list(rules.tabulate.output)

@@ -15,7 +15,7 @@ rule pretrain:
         f"{BENCH}/pretrain/{{encoder}}.tsv"
     params:
         opts=opts(
-            **{k: v for k, v in sorted(config["pretrain"].items()) if k != "extra_args"},  # whatever the YAML order
+            **{k: v for k, v in sorted(config["pretrain"].items()) if k != "extra_args"},  # any YAML order
             seed=config["seed"],
         ),
         extra=extra("pretrain"),

@@ -29,10 +29,13 @@ rule evaluate:
     threads: rule_threads("evaluate")
     resources:
         **rule_resources("evaluate"),
-        run_opts=run_opts(trust="--trust-encoder", **{k: config["evaluate"][k] for k in ("batch_size", "workers")}),
+        run_opts=run_opts(
+            trust="--trust-encoder", batch_size=config["evaluate"]["batch_size"], workers=config["evaluate"]["workers"]
+        ),
     shell:
-        "rcdm evaluate --samples {input.samples} --out {output} {params.run} --reference-images {input.reference} "
-        "--features {input.features} {params.encoder} {params.opts} {params.extra} {resources.run_opts} > {log} 2>&1"
+        "rcdm evaluate --samples {input.samples} --out {output} {params.run} "
+        "--reference-images {input.reference} --features {input.features} {params.encoder} {params.opts} "
+        "{params.extra} {resources.run_opts} > {log} 2>&1"
 
 rule tradeoff:
     """Sampler speed versus quality on a subset of val: FD_rep and MRR against the number of UNet evaluations."""

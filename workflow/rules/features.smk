@@ -18,7 +18,9 @@ rule extract_features:
         encoder=lambda wc: encoder_args(wc.encoder),
         dtype=opts(dtype=config["extract"]["feature_dtype"]),
         # <folder>/<layer>.h5 for one shard, <folder>/<layer>.part-000i-of-000k.h5 (named by the CLI) for k > 1
-        out=lambda wc, output: opts(features_out=[f"{l}={output[0]}/{l}.h5" for l in ENCODERS[wc.encoder]["layers"]]),
+        out=lambda wc, output: opts(
+            features_out=[f"{layer}={output[0]}/{layer}.h5" for layer in ENCODERS[wc.encoder]["layers"]]
+        ),
         shard=shard_args,
         opts=EXTRACT_OPTS,
     threads: rule_threads("extract_features")

@@ -4,6 +4,17 @@
 PROBE = STUDIES["probe"] and config["data"]["train"]["source"] == "shapes"  # the shapes factor probe
 STUDY_OPTS = opts(**{k: STUDIES[k] for k in ("num_images", "samples", "sampler", "steps")}, seed=config["seed"])
 FIRST_LAYER = {"trunk": "trunk", "head": "head", "both": "trunk"}  # the model `--checkpoint` loads
+# what `snakemake` builds: the settings record, written last, of each configured study of each model
+STUDY_TARGETS = [
+    f"{STUDY}/{{study}}.json".format(encoder=encoder, layer=layer, dataset=dataset, study=study)
+    for study in STUDIES["run"]
+    for encoder, layer in (
+        [(e, "both") for e, spec in ENCODERS.items() if set(spec["layers"]) == set(LAYERS)]
+        if study == "trunk-head"
+        else RUNS
+    )
+    for dataset in (config["data"]["ood"] if study == "ood" else ["val"])
+]
 
 
 rule study_probe:
@@ -33,7 +44,7 @@ rule study:
         flags=lambda wc: f"{MODEL}/model_flags.json".format(encoder=wc.encoder, layer=FIRST_LAYER[wc.layer]),
         encoder=lambda wc: encoder_file(wc.encoder),
         images=IMAGES,
-        features=lambda wc: FEATURES.format(encoder=wc.encoder, dataset=wc.dataset, layer=FIRST_LAYER[wc.layer]),
+        features=lambda wc: FEATURES.format(**{**wc, "layer": FIRST_LAYER[wc.layer]}),
         # trunk-head's second model: the head's
         head_checkpoint=lambda wc: EMA.format(encoder=wc.encoder, layer="head") if wc.layer == "both" else [],
         head_flags=lambda wc: (

@@ -3,7 +3,7 @@
 
 # (conditionings, samples each) and sampling jobs per dataset: val has the metrics' settings, sample.shards
 # jobs; the OOD sets the grids' settings, one job each
-SAMPLE_COUNTS = {name: (config["ood"]["num_images"], config["ood"]["samples_per_image"]) for name in config["data"]["ood"]}
+SAMPLE_COUNTS = dict.fromkeys(config["data"]["ood"], (config["ood"]["num_images"], config["ood"]["samples_per_image"]))
 SAMPLE_COUNTS["val"] = (config["sample"]["num_conditionings"], config["sample"]["samples_per_image"])
 SAMPLE_SHARDS = {name: 1 for name in config["data"]["ood"]} | {"val": config["sample"]["shards"]}
 
@@ -60,7 +60,9 @@ rule merge_samples:
         f"{BENCH}/merge_samples/{{encoder}}/{{layer}}/{{dataset}}.tsv"
     params:
         input=lambda wc: opts(input=f"{SAMPLES}/samples.h5".format(**wc), num_shards=SAMPLE_SHARDS[wc.dataset]),
-        grid=lambda wc: opts(grid_rows=config["sample"]["grid_images"], grid_cols=min(8, SAMPLE_COUNTS[wc.dataset][1])),
+        grid=lambda wc: opts(
+            grid_rows=config["sample"]["grid_images"], grid_cols=min(8, SAMPLE_COUNTS[wc.dataset][1])
+        ),
     threads: rule_threads("merge_samples")
     resources:
         **rule_resources("merge_samples"),

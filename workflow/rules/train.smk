@@ -54,7 +54,9 @@ rule train:
         **{"gpu": 0, **rule_resources("train")},
         # the weights do not depend on these, nor on the number of processes (the batch is global, its noise
         # drawn per step; micro-batches average to the same gradient)
-        run_opts=run_opts(**{k: config["train"][k] for k in ("microbatch", "save_interval", "log_interval", "workers")}),
+        run_opts=run_opts(
+            **{k: config["train"][k] for k in ("microbatch", "save_interval", "log_interval", "workers")}
+        ),
     retries: config["train"]["retries"]
     shell:
         # torchrun with one process per GPU when the job has several
