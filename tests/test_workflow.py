@@ -122,16 +122,19 @@ def test_schema_fills_defaults(tmp_path):
         "data": {
             "image_size": 16,
             "train": {"source": "shapes"},
-            "val": {"source": "shapes", "split": "val"},
+            "val": {"source": "shapes"},
         },
         "encoders": {"enc": {"source": "pretrain"}},
         "model": {"channel_mult": "1,2", "attention_resolutions": ""},
     }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = snakemake("-n", "--configfile", str(path), "--cores", "1", cwd=tmp_path)
+    proc = snakemake("-n", "-p", "--configfile", str(path), "--cores", "1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     counts = job_counts(proc.stdout)
+    # a set's split defaults to its name: val is generated as the val split, not as the train images
+    splits = re.findall(r"^Shell command: rcdm extract .*--split (\w+) .*--images-out", proc.stdout, re.M)
+    assert sorted(splits) == ["train", "val"]
     # one encoder, default layer trunk, one shard each: train/val images, pretrain, features, one model
     assert counts["train"] == 1
     assert counts["pretrain"] == 1
