@@ -210,6 +210,24 @@ def test_imagenet_config_builds_the_full_dag(tmp_path):
     assert counts["tabulate"] == 1
 
 
+# ------------------------------------------------------------------------------------------ fail fast
+@pytest.mark.slow
+def test_permanent_train_error_fails_once_in_the_check(tmp_path):
+    """A batch larger than the train set (here through extra_args, which the DAG-time checks do not read)
+    fails in the local `train_check` job, once, as one line; the training job (retried, on GPUs) never
+    starts."""
+    change = {"train.extra_args": "--batch-size 200", "train.retries": 3, "data.train.shards": 1}
+    cfg = write_config(tmp_path, "micro.yaml", **change)
+    proc = snakemake("--cores", "2", "--configfile", str(cfg), "--until", "train", cwd=tmp_path, timeout=600)
+    assert proc.returncode != 0
+    err = proc.stderr + proc.stdout
+    assert "Error in rule train_check" in err
+    line = next(line for line in err.splitlines() if line.startswith("rcdm train: error:"))
+    assert "fewer than one global batch of 200" in line and "images.h5" in line and "(log: " in line
+    assert "rule train:" not in err and not (tmp_path / "logs" / "micro" / "train").exists()
+    assert err.count("Error in rule train_check") == 1  # no retry
+
+
 # ------------------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
@@ -360,6 +378,8 @@ RESULT_CHANGING = {
     "sample.steps": (5, "sample"),
     "studies.steps": (3, "study"),
 }
+# A stage's local check job, run before it with the same inputs and options: reruns with it.
+PREFLIGHT = {"train": {"train_check"}}
 
 
 @pytest.mark.slow
@@ -383,7 +403,7 @@ def test_reruns_follow_what_determines_results(micro_run, tmp_path):
     for key in THROUGHPUT:
         assert plans[key] == {}, f"changing {key} reruns {plans[key]}"
     for key, (_, stage) in RESULT_CHANGING.items():
-        rerun = {stage} | {rule for rule, up in needs.items() if stage in up}
+        rerun = {stage} | {rule for rule, up in needs.items() if stage in up} | PREFLIGHT.get(stage, set())
         expected = {rule: count for rule, count in full.items() if rule in rerun}
         assert plans[key] == {**expected, "total": sum(expected.values())}, f"changing {key}"
 

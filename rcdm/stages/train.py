@@ -385,8 +385,12 @@ class Trainer:
         self.precision = resolve_precision(precision, self.device)
         self.local_batch = cfg.batch_size // self.ctx.world_size
         self.microbatch = cfg.microbatch or self.local_batch
-        # the data order must have at least one batch per epoch (raises a clear error otherwise)
-        StepBatchSampler(self.data.num_images, cfg.batch_size, cfg.seed, world_size=self.ctx.world_size)
+        # the data order must have at least one batch per epoch
+        try:
+            StepBatchSampler(self.data.num_images, cfg.batch_size, cfg.seed, world_size=self.ctx.world_size)
+        except ValueError as err:
+            msg = f"{cfg.images}: {err}; lower --batch-size or train on more images"
+            raise TrainConfigError(msg) from None
         self.identity, self.identity_sha256 = run_identity(
             cfg, self.flags, self.precision, self.data.images_attrs, self.data.features_attrs
         )

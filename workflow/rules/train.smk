@@ -25,11 +25,58 @@ rule model_flags:
         write_json(output[0], params.flags)
 
 
+# What `rcdm train` reads and how it is called: shared by the check below and the training job, so the check
+# sees exactly the inputs and options the training job will.
+TRAIN_INPUT = dict(
+    images=IMAGES.format(dataset="train"),
+    features=FEATURES.format(encoder="{encoder}", dataset="train", layer="{layer}"),
+    flags=rules.model_flags.output[0],
+)
+TRAIN_PARAMS = dict(
+    out=lambda wc: opts(out=MODEL.format(**wc), ckpt_dir=CHECKPOINTS.format(**wc)),
+    opts=opts(
+        steps=config["train"]["steps"],
+        time_budget=config["train"]["time_budget"] or 0,
+        **{k: config["train"][k] for k in ("batch_size", "lr", "weight_decay")},
+        ema=config["train"]["ema_rates"],
+        precision=config["train"]["precision"],
+        seed=config["seed"],
+    ),
+    extra=extra("train"),
+)
+# the weights do not depend on these, nor on the number of processes (the batch is global, its noise drawn
+# per step; micro-batches average to the same gradient)
+TRAIN_RUN = run_opts(**{k: config["train"][k] for k in ("microbatch", "save_interval", "log_interval", "workers")})
+TRAIN_ARGS = (
+    "--images {input.images} --features {input.features} --model-flags {input.flags} {params.out} "
+    "--resume auto {params.opts} {params.extra} {resources.run_opts}"
+)
+
+
+rule train_check:
+    """`rcdm train --check` on the head node before the training job: configuration and data errors (a
+    truncated features file, a representation-size mismatch, a batch larger than the train set) fail here,
+    once, as one line, never consuming a retry or a GPU allocation."""
+    input:
+        **TRAIN_INPUT,
+    output:
+        f"{MODEL}/train_check.txt",
+    log:
+        f"{LOGS}/train_check/{{encoder}}/{{layer}}.log",
+    params:
+        **TRAIN_PARAMS,
+    resources:
+        run_opts=TRAIN_RUN,
+    localrule: True
+    shell:
+        f"if rcdm train --check {TRAIN_ARGS} > {{log}} 2>&1; then tail -n 1 {{log}} > {{output}}; "
+        "else echo \"$(tail -n 1 {log}) (log: {log})\" >&2; exit 1; fi"
+
+
 rule train:
     input:
-        images=IMAGES.format(dataset="train"),
-        features=FEATURES.format(encoder="{encoder}", dataset="train", layer="{layer}"),
-        flags=rules.model_flags.output[0],
+        **TRAIN_INPUT,
+        check=rules.train_check.output[0],
     output:
         ema=EMA,
         model=f"{MODEL}/model_final.pt",
@@ -39,30 +86,18 @@ rule train:
     benchmark:
         f"{BENCH}/train/{{encoder}}/{{layer}}.tsv"
     params:
-        out=lambda wc: opts(out=MODEL.format(**wc), ckpt_dir=CHECKPOINTS.format(**wc)),
-        opts=opts(
-            steps=config["train"]["steps"],
-            time_budget=config["train"]["time_budget"] or 0,
-            **{k: config["train"][k] for k in ("batch_size", "lr", "weight_decay")},
-            ema=config["train"]["ema_rates"],
-            precision=config["train"]["precision"],
-            seed=config["seed"],
-        ),
-        extra=extra("train"),
+        **TRAIN_PARAMS,
     threads: rule_threads("train")
     resources:
-        **{"gpu": 0, **rule_resources("train")},
-        # the weights do not depend on these, nor on the number of processes (the batch is global, its noise
-        # drawn per step; micro-batches average to the same gradient)
-        run_opts=run_opts(
-            **{k: config["train"][k] for k in ("microbatch", "save_interval", "log_interval", "workers")}
-        ),
+        **train_resources(),
+        run_opts=TRAIN_RUN,
     retries: config["train"]["retries"]
     shell:
-        # torchrun with one process per GPU when the job has several
-        "$([ {resources.gpu} -gt 1 ] && echo torchrun --standalone --nproc-per-node={resources.gpu} -m) "
-        "rcdm train --images {input.images} --features {input.features} --model-flags {input.flags} {params.out} "
-        "--resume auto {params.opts} {params.extra} {resources.run_opts} > {log} 2>&1"
+        # torchrun with one process per GPU when the job has several GPUs; with several nodes, srun starts
+        # one torchrun per node (common.smk: train_resources)
+        "{resources.launcher} "
+        f"rcdm train {TRAIN_ARGS} > {{log}} 2>&1"
+
 
 rule run_flags:
     """The full model flags of a trained run (what sampling needs to rebuild the network)."""
