@@ -155,6 +155,30 @@ def encoder_args(encoder: str) -> str:
     return shlex.join(["--encoder", kind, "--encoder-checkpoint", encoder_file(encoder)])
 
 
+# ---------------------------------------------------------------------------------------------- RCDM models
+def rcdm_choice(encoder: str, layer: str) -> str:
+    """Where the RCDM of (encoder, layer) comes from (encoders.<name>.rcdm): `train`, `published` or a file."""
+    choice = ENCODERS[encoder].get("rcdm") or "train"
+    return choice.get(layer, "train") if isinstance(choice, dict) else choice
+
+
+def rcdm_files(encoder: str, layer: str) -> dict:
+    """The RCDM of (encoder, layer) as {checkpoint, flags}, the files sample, tradeoff and study jobs load.
+    Trained here (the EMA export of `train`, with the flags of its train_summary.json), or a file in weights_dir
+    (`published`, the published checkpoint's registry name, or the file named) with the flags read off it."""
+    from rcdm.weights import rcdm_checkpoint_name
+
+    choice, model = rcdm_choice(encoder, layer), MODEL.format(encoder=encoder, layer=layer)
+    if choice == "train":
+        return {"checkpoint": EMA.format(encoder=encoder, layer=layer), "flags": f"{model}/model_flags.json"}
+    if choice == "published":
+        try:
+            choice = weight_file(rcdm_checkpoint_name(encoder, layer)).rsplit("/", 1)[1]
+        except KeyError as err:
+            raise WorkflowError(f"encoders.{encoder}.rcdm: {err.args[0]}") from None
+    return {"checkpoint": f"{WEIGHTS}/{choice}", "flags": f"{model}/file_flags.json"}
+
+
 # ---------------------------------------------------------------------------------------------- resources
 _GPU_KEYS = {"gpu", "gpu_model", "cpus_per_gpu", "tasks_per_gpu"}
 _RESOURCE_KEYS = {"mem_mb", "runtime", "nodes", "slurm_partition", "slurm_account", "constraint", "qos"}

@@ -40,8 +40,8 @@ rule evaluate:
 rule tradeoff:
     """Sampler speed versus quality on a subset of val: FD_rep and MRR against the number of UNet evaluations."""
     input:
-        checkpoint=EMA,
-        flags=f"{MODEL}/model_flags.json",
+        checkpoint=lambda wc: rcdm_files(wc.encoder, wc.layer)["checkpoint"],
+        flags=lambda wc: rcdm_files(wc.encoder, wc.layer)["flags"],
         features=FEATURES.format(encoder="{encoder}", dataset="val", layer="{layer}"),
         images=IMAGES.format(dataset="val"),
         encoder=lambda wc: encoder_file(wc.encoder),

@@ -40,16 +40,14 @@ rule study_probe:
 
 rule study:
     input:
-        checkpoint=lambda wc: EMA.format(encoder=wc.encoder, layer=FIRST_LAYER[wc.layer]),
-        flags=lambda wc: f"{MODEL}/model_flags.json".format(encoder=wc.encoder, layer=FIRST_LAYER[wc.layer]),
+        checkpoint=lambda wc: rcdm_files(wc.encoder, FIRST_LAYER[wc.layer])["checkpoint"],
+        flags=lambda wc: rcdm_files(wc.encoder, FIRST_LAYER[wc.layer])["flags"],
         encoder=lambda wc: encoder_file(wc.encoder),
         images=IMAGES,
         features=lambda wc: FEATURES.format(**{**wc, "layer": FIRST_LAYER[wc.layer]}),
         # trunk-head's second model: the head's
-        head_checkpoint=lambda wc: EMA.format(encoder=wc.encoder, layer="head") if wc.layer == "both" else [],
-        head_flags=lambda wc: (
-            f"{MODEL}/model_flags.json".format(encoder=wc.encoder, layer="head") if wc.layer == "both" else []
-        ),
+        head_checkpoint=lambda wc: rcdm_files(wc.encoder, "head")["checkpoint"] if wc.layer == "both" else [],
+        head_flags=lambda wc: rcdm_files(wc.encoder, "head")["flags"] if wc.layer == "both" else [],
         head_features=lambda wc: (
             FEATURES.format(encoder=wc.encoder, dataset=wc.dataset, layer="head") if wc.layer == "both" else []
         ),

@@ -10,8 +10,9 @@ SAMPLE_SHARDS = {name: 1 for name in config["data"]["ood"]} | {"val": config["sa
 
 rule sample:
     input:
-        checkpoint=EMA,
-        flags=rules.run_flags.output[0],
+        # trained here or a published/given file: rcdm_files (common.smk)
+        checkpoint=lambda wc: rcdm_files(wc.encoder, wc.layer)["checkpoint"],
+        flags=lambda wc: rcdm_files(wc.encoder, wc.layer)["flags"],
         features=FEATURES,
     output:
         part_pattern(f"{SAMPLES}/samples.h5"),
