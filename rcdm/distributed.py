@@ -146,3 +146,28 @@ def cleanup(ctx: DistContext) -> None:
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier(group=ctx.cpu_group)
+
+
+def torchrun_launcher(nodes: int = 1, procs_per_node: int = 1, cpus_per_node: int = 1, gpus_per_node: int = 0,
+                      port_base: int = 40000) -> str:  # fmt: skip
+    """The shell words that start ``-m rcdm ...`` (they end in ``-m``; empty for one process) on ``nodes`` x
+    ``procs_per_node`` processes, as the workflow's train rule and its SLURM test run them.
+
+    One node: ``torchrun --standalone``. Several, inside a SLURM job of one task per node whose shell runs
+    directly (not under ``srun -n1``): ``srun`` starts one torchrun per task, spread over the job's nodes, and
+    they meet in a c10d rendezvous on the job's first node (port ``port_base`` + job id mod 20000, so jobs
+    sharing a node do not collide); ``--kill-on-bad-exit`` ends every torchrun when one fails. The SLURM
+    plugin's job step keeps only ``SLURM_JOB_ID`` of the job's variables, so the node list and count come
+    from ``squeue`` and the step's CPUs and GPUs per task are given explicitly.
+    """
+    if nodes <= 1:
+        return f"torchrun --standalone --nproc-per-node={procs_per_node} -m" if procs_per_node > 1 else ""
+    job = "squeue -h -j $SLURM_JOB_ID -o"
+    head = f"$(scontrol show hostnames $({job} %N) | head -n1)"
+    gres = f" --gres=gpu:{gpus_per_node}" if gpus_per_node else ""
+    return (
+        f"srun --ntasks={nodes} --nodes=$({job} %D) --cpus-per-task={cpus_per_node}{gres} "
+        "--kill-on-bad-exit=1 "
+        f"torchrun --nnodes={nodes} --nproc-per-node={procs_per_node} --rdzv-backend=c10d "
+        f"--rdzv-endpoint={head}:$(({port_base} + SLURM_JOB_ID % 20000)) --rdzv-id=$SLURM_JOB_ID -m"
+    )

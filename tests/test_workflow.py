@@ -175,9 +175,42 @@ def test_slurm_task_geometry_from_the_config(tmp_path):
     assert not any("tasks_per_gpu" in res for rule, res in jobs if rule == "sample")
 
 
+def test_multi_node_training_launch(tmp_path):
+    """resources.train.nodes > 1: one task per node (mpi: the job's shell runs srun itself), `gpu` GPUs per
+    node as --gres (no --ntasks-per-gpu), one torchrun per node with a c10d rendezvous
+    (rcdm.distributed.torchrun_launcher, as tests/test_slurm_multinode.py runs it); one node: torchrun
+    --standalone with one process per GPU, as before."""
+    from rcdm.distributed import torchrun_launcher
+
+    def train_job(resources: dict) -> tuple[str, str]:
+        cfg = write_config(tmp_path, "micro.yaml", resources={"train": resources})
+        proc = snakemake("-n", "-p", "--configfile", str(cfg), "--until", "train", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        job = r"^rule train:\n(?:    .*\n)*?    resources: (.*)\n(?:.*\n)*?Shell command: (.*)$"
+        res, shell = re.search(job, proc.stdout, flags=re.M).groups()
+        return res, shell
+
+    res, shell = train_job({"nodes": 4, "gpu": 8, "gpu_model": "a100", "threads": 64})
+    for item in ("nodes=4", "mpi=srun", "tasks=4", "tasks_per_gpu=0", "gres=gpu:a100:8", "gpu=0"):
+        assert f"{item}," in res, (item, res)
+    assert "gpu_model" not in res
+    assert shell.startswith(torchrun_launcher(4, 8, 64, 8) + " rcdm train "), shell
+    _, shell = train_job({"gpu": 2})
+    assert shell.startswith("torchrun --standalone --nproc-per-node=2 -m rcdm train "), shell
+    _, shell = train_job({"gpu": 1})
+    assert shell.startswith("rcdm train ") or shell.startswith(" rcdm train "), shell
+
+
 def test_imagenet_config_builds_the_full_dag(tmp_path):
     """The paper's setting: 4 SSL encoders x trunk/head + supervised, sharded; weights come by fetch jobs."""
-    imagenet = str(ROOT / "config" / "imagenet.yaml")
+    # the cluster's ImageNet folders stood in for by folders of empty files (DAG-time checks count names only)
+    folders = {"train": 256, "val": 50}  # one batch; one image per sampling shard
+    for split, n in folders.items():
+        (tmp_path / split).mkdir()
+        for i in range(n):
+            (tmp_path / split / f"{i:05d}.JPEG").touch()
+    paths = {f"data.{split}.path": str(tmp_path / split) for split in folders}
+    imagenet = str(write_config(tmp_path, "imagenet.yaml", name="imagenet.yaml", **paths))
     proc = snakemake("-n", "-p", "--configfile", imagenet, "--cores", "1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     counts = job_counts(proc.stdout)

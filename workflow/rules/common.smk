@@ -199,3 +199,20 @@ def rule_resources(rule: str) -> dict:
     """A rule's Snakemake resources (SLURM requests; local limits with --resources); GPU keys need gpu > 0."""
     res = {k: v for k, v in _rule_config(rule).items() if k in _RESOURCE_KEYS}
     return res if res.get("gpu") else {k: v for k, v in res.items() if k not in _GPU_KEYS}
+
+
+def train_resources() -> dict:
+    """The train rule's resources and `launcher` (the words before `rcdm train`, rcdm.distributed.torchrun_launcher).
+    One node: `gpu` GPUs (--gpus), torchrun with one process per GPU when several. `nodes` > 1: one task per
+    node (tasks; mpi: the job's shell runs srun itself), each with `gpu` GPUs of its node (--gres=gpu[:model]:N;
+    no --ntasks-per-gpu), `threads` CPUs and `mem_mb` per node, torchrun with a c10d rendezvous on the first."""
+    from rcdm.distributed import torchrun_launcher
+
+    res = {"gpu": 0, **rule_resources("train")}
+    nodes, gpus = int(res.get("nodes") or 1), int(res["gpu"])
+    if nodes > 1:
+        model = res.pop("gpu_model", None)
+        res.update(gpu=0, mpi="srun", tasks=nodes, tasks_per_gpu=0)
+        if gpus:
+            res["gres"] = ":".join(["gpu", *([model] if model else []), str(gpus)])
+    return {**res, "launcher": torchrun_launcher(nodes, max(gpus, 1), rule_threads("train"), gpus)}
