@@ -244,6 +244,57 @@ def test_imagenet_config_builds_the_full_dag(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ fail fast
+def image_folder(path: Path, n: int) -> str:
+    """A folder of `n` tiny PNG images."""
+    path.mkdir(parents=True)
+    for i in range(n):
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(path / f"{i:03d}.png")
+    return str(path)
+
+
+# (change to config/micro.yaml, the config key named, what the message tells to do): each fails the dry run
+FAIL_AT_START = {
+    "missing folder": ({"data.val": {"source": "folder", "path": "no/such"}}, "data.val.path", "point it"),
+    "empty folder": ({"data.val": {"source": "folder", "path": "empty"}}, "data.val.path", "holds no images"),
+    "folder too small": (
+        {"data.val": {"source": "folder", "path": "three", "num_images": 5}},
+        "data.val.num_images: 5",
+        "holds 3 images",
+    ),
+    "too few photos": ({"data.ood.photos.num_images": 500}, "data.ood.photos.num_images: 500", "for all"),
+    "conditionings": ({"sample.num_conditionings": 100}, "sample.num_conditionings: 100", "data.val has 16"),
+    "ood images": ({"ood.num_images": 10}, "ood.num_images: 10", "data.ood.photos has 4"),
+    "sample shards": ({"sample.shards": 20}, "sample.shards: 20", "at most 8"),
+    "extract shards": ({"data.val.shards": 17}, "data.val.shards", "at most 16"),
+    "batch": ({"train.batch_size": 200}, "train.batch_size: 200", "fewer than one batch"),
+}
+
+
+@pytest.mark.parametrize("case", FAIL_AT_START)
+def test_config_asking_more_than_exists_fails_at_the_start(tmp_path, case):
+    """Checks against the data run while the DAG is built (`snakemake -n`), before any job: one line naming
+    the config key, what is wrong and what to do; never a silent cut."""
+    change, key, fix = FAIL_AT_START[case]
+    (tmp_path / "empty").mkdir()
+    image_folder(tmp_path / "three", 3)
+    proc = snakemake("-n", "--configfile", str(write_config(tmp_path, "micro.yaml", **change)), cwd=tmp_path)
+    assert proc.returncode != 0
+    err = proc.stderr + proc.stdout
+    line = next((line for line in err.splitlines() if line.startswith(key)), err[-2000:])
+    assert fix in line, line
+    assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()  # nothing ran
+
+
+def test_image_folders_are_counted_at_the_start(tmp_path):
+    """A folder dataset passes the checks with as many images as the config asks for, at any depth."""
+    folder = image_folder(tmp_path / "val" / "a", 8)
+    image_folder(tmp_path / "val" / "b", 8)
+    change = {"data.val": {"source": "folder", "path": str(tmp_path / "val")}, "sample.num_conditionings": 16}
+    proc = snakemake("-n", "--configfile", str(write_config(tmp_path, "micro.yaml", **change)), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert folder in proc.stdout or "extract_images" in proc.stdout
+
+
 @pytest.mark.slow
 def test_permanent_train_error_fails_once_in_the_check(tmp_path):
     """A batch larger than the train set (here through extra_args, which the DAG-time checks do not read)
