@@ -46,7 +46,8 @@ TRAIN_PARAMS = dict(
 )
 # the weights do not depend on these, nor on the number of processes (the batch is global, its noise drawn
 # per step; micro-batches average to the same gradient)
-TRAIN_RUN = run_opts(**{k: config["train"][k] for k in ("microbatch", "save_interval", "log_interval", "workers")})
+TRAIN_RUN_KEYS = ("microbatch", "save_interval", "export_interval", "log_interval", "workers", "stop_margin")
+TRAIN_RUN = run_opts(**{k: config["train"][k] for k in TRAIN_RUN_KEYS})
 TRAIN_ARGS = (
     "--images {input.images} --features {input.features} --model-flags {input.flags} {params.out} "
     "--resume auto {params.opts} {params.extra} {resources.run_opts}"
