@@ -196,9 +196,18 @@ def rule_threads(rule: str) -> int:
 
 
 def rule_resources(rule: str) -> dict:
-    """A rule's Snakemake resources (SLURM requests; local limits with --resources); GPU keys need gpu > 0."""
+    """A rule's Snakemake resources (SLURM requests; local limits with --resources); GPU keys need gpu > 0.
+    Memory grows with each retry (attempt 2 asks twice `mem_mb`), except training's: a train job is resubmitted
+    to continue after a time limit, not because it ran out of memory."""
     res = {k: v for k, v in _rule_config(rule).items() if k in _RESOURCE_KEYS}
+    if "mem_mb" in res and rule != "train":
+        res["mem_mb"] = lambda wildcards, attempt, base=int(res["mem_mb"]): base * attempt
     return res if res.get("gpu") else {k: v for k, v in res.items() if k not in _GPU_KEYS}
+
+
+def rule_retries(rule: str) -> int:
+    """Resubmissions of a failed job (`resources.<rule>.retries`, else `resources.default.retries`)."""
+    return int(_rule_config(rule).get("retries", 0))
 
 
 def train_resources() -> dict:

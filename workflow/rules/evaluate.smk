@@ -18,6 +18,7 @@ rule evaluate:
     params:
         run=lambda wc: opts(
             run_id=f"{wc.encoder}-{wc.layer}-{config['sample']['sampler']}{config['sample']['steps']}",
+            encoder_name=wc.encoder,
             dataset=f"{config['experiment']}:val",
         ),
         encoder=lambda wc: f"{encoder_args(wc.encoder)} --layer {wc.layer}",
@@ -32,6 +33,7 @@ rule evaluate:
         run_opts=run_opts(
             trust="--trust-encoder", batch_size=config["evaluate"]["batch_size"], workers=config["evaluate"]["workers"]
         ),
+    retries: rule_retries("evaluate")
     shell:
         "rcdm evaluate --samples {input.samples} --out {output} {params.run} "
         "--reference-images {input.reference} --features {input.features} {params.encoder} {params.opts} "
@@ -67,6 +69,7 @@ rule tradeoff:
     resources:
         **rule_resources("tradeoff"),
         run_opts=run_opts(trust="--trust-checkpoint", batch_size=config["tradeoff"]["batch_size"]),
+    retries: rule_retries("tradeoff")
     shell:
         "rcdm tradeoff --checkpoint {input.checkpoint} --flags {input.flags} --features {input.features} "
         "--images {input.images} {params.encoder} --layer {wildcards.layer} {params.opts} {params.extra} "

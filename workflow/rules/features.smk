@@ -27,6 +27,7 @@ rule extract_features:
     resources:
         **rule_resources("extract_features"),
         run_opts=run_opts(trust="--trust-encoder", **EXTRACT_RUN),
+    retries: rule_retries("extract_features")
     shell:
         "rcdm extract {params.data} {params.encoder} {params.dtype} {params.out} {params.shard} {params.opts} "
         "{resources.run_opts} > {log} 2>&1"

@@ -89,6 +89,7 @@ rule study:
     resources:
         **rule_resources("study"),
         run_opts=run_opts(trust="--trust-checkpoint", batch_size=STUDIES["batch_size"]),
+    retries: rule_retries("study")
     shell:
         "rcdm study {wildcards.study} --checkpoint {input.checkpoint} --model-flags {input.flags} {params.head} "
         "{params.encoder} {params.layer} --images {input.images} --features {input.features} "

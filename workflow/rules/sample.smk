@@ -38,6 +38,7 @@ rule sample:
         **rule_resources("sample"),
         # the noise is drawn per (seed, conditioning, sample): the samples do not depend on the batch size
         run_opts=run_opts(trust="--trust-checkpoint", batch_size=config["sample"]["batch_size"]),
+    retries: rule_retries("sample")
     shell:
         "rcdm sample --checkpoint {input.checkpoint} --model-flags {input.flags} --features {input.features} "
         "{params.opts} {params.out} {params.shard} {params.extra} {resources.run_opts} > {log} 2>&1"
