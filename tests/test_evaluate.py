@@ -454,3 +454,19 @@ def test_samples_file_problems_are_clear(toy, tmp_path):
     with pytest.raises(ValueError, match="expected uint8"):
         evaluate(bad)
     assert json.loads(str(np.load(toy["samples"])["settings_json"]))["sampler"] == "ddim"
+
+
+def test_truncated_input_is_one_line_naming_the_file_and_the_fix(toy, tmp_path, capsys):
+    data = (toy["root"] / "features.h5").read_bytes()
+    (tmp_path / "f.h5").write_bytes(data[: len(data) // 2])
+    parser = argparse.ArgumentParser()
+    ev_mod.add_arguments(parser)
+    argv = [
+        "--samples", str(toy["samples"]), "--out", str(tmp_path / "m.csv"), "--weights-dir", str(tmp_path),
+        "--features", str(tmp_path / "f.h5"), "--encoder-checkpoint", str(toy["enc"]), "--no-progress",
+    ]  # fmt: skip
+    capsys.readouterr()
+    assert ev_mod.run(parser.parse_args(argv)) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and str(tmp_path / "f.h5") in err[0] and "delete that file and rerun" in err[0]
+    assert not (tmp_path / "m.csv").exists()

@@ -1,5 +1,6 @@
 import argparse
 import json
+import shutil
 import zipfile
 
 import h5py
@@ -311,3 +312,32 @@ def test_grid_helper_layout_and_no_stretching():
     np.testing.assert_array_equal(g2[1:65, 1:65], np.full((64, 64, 3), 10, np.uint8))  # pixels repeated
     with pytest.raises(TypeError, match="uint8"):
         make_grid([[dark.astype(np.float32)]])
+
+
+def test_file_errors_are_one_line_naming_the_file_and_the_fix(setup, tmp_path, capsys):
+    """A truncated features file: one line naming it, what is wrong and what to do, no traceback; merging
+    without a conditioning images file fails before writing the npz."""
+    root, _ = setup
+    work = tmp_path / "root"
+    shutil.copytree(root, work)
+    data = (work / "features.h5").read_bytes()
+    (work / "features.h5").write_bytes(data[: len(data) // 2])
+    assert sample_mod.run(_args(work, tmp_path / "s.h5")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(work / "features.h5") in err[0]
+    assert "not a readable HDF5 file" in err[0] and "delete that file and rerun" in err[0]
+
+    out = tmp_path / "ok.h5"
+    assert sample_mod.run(_args(root, out)) == 0
+    with h5py.File(hdf5.part_path(out, 0, 1), "a") as h5:  # as if the images file had moved: the grid has nothing to show
+        text = h5.attrs["settings_json"]
+        assert str(root / "images.h5") in text
+        h5.attrs["settings_json"] = text.replace(str(root / "images.h5"), str(tmp_path / "gone.h5"))
+    parser = argparse.ArgumentParser()
+    sample_merge.add_arguments(parser)
+    capsys.readouterr()
+    args = parser.parse_args(["--input", str(out), "--num-shards", "1", "--out", str(tmp_path / "x.npz")])
+    assert sample_merge.run(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pass --images" in err[0]
+    assert not (tmp_path / "x.npz").exists()

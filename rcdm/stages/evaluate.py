@@ -103,6 +103,19 @@ def _settings(args, device, encoder, encoder_missing: str, inception, inception_
 
 
 def run(args: argparse.Namespace) -> int:
+    """``_run``, with a missing or unreadable input file reported as one line naming it and what to do."""
+    try:
+        return _run(args)
+    except FileNotFoundError as err:  # an input not made yet, or a wrong path
+        print(f"rcdm evaluate: error: {err}", file=sys.stderr)
+        return 1
+    except hdf5.H5SchemaError as err:  # a truncated or foreign file: its job must make it again
+        msg = f"rcdm evaluate: error: {err}; delete that file and rerun (Snakemake remakes it)"
+        print(msg, file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     settings = read_npz_meta(args.samples)["settings"]
     try:

@@ -116,6 +116,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``_run``, with a missing or unreadable input file reported as one line naming it and what to do."""
+    try:
+        return _run(args)
+    except FileNotFoundError as err:  # an input not made yet, or a wrong path
+        print(f"rcdm merge-samples: error: {err}", file=sys.stderr)
+        return 1
+    except hdf5.H5SchemaError as err:  # a truncated or foreign file: its job must make it again
+        msg = f"rcdm merge-samples: error: {err}; delete that file and rerun (Snakemake remakes it)"
+        print(msg, file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from rcdm.grids import save_png
@@ -125,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise SystemExit(f"rcdm merge-samples: {len(missing)} shard(s) missing: {', '.join(missing[:5])}")
     settings = common_settings(paths)
+    if not args.no_grid:  # the grid's conditioning images, found before anything is written
+        _cond_image_lookup(ordered_shards(paths), settings, args.images)
     n = 0
     size = int(settings["image_size"])
     for p in paths:

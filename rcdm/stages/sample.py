@@ -255,6 +255,19 @@ def _open_conditioning(args, image_size: int, device: torch.device):
 
 
 def run(args: argparse.Namespace) -> int:
+    """``_run``, with a missing or unreadable input file reported as one line naming it and what to do."""
+    try:
+        return _run(args)
+    except FileNotFoundError as err:  # an input not made yet, or a wrong path
+        print(f"rcdm sample: error: {err}", file=sys.stderr)
+        return 1
+    except hdf5.H5SchemaError as err:  # a truncated or foreign file: its job must make it again
+        msg = f"rcdm sample: error: {err}; delete that file and rerun (Snakemake remakes it)"
+        print(msg, file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     from rcdm.checkpoint import load_model
     from rcdm.io import sha256_file
 
