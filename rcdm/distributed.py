@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from rcdm.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -110,14 +112,8 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)  # a bare "cuda" becomes cuda:LOCAL_RANK
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but CUDA is not available")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     if world <= 1:
         return DistContext(device=dev)

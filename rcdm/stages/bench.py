@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rcdm.device import resolve_device
 from rcdm.factory import MODEL_FLAGS_128
 from rcdm.io import atomic_path
 
@@ -479,7 +480,9 @@ def _load_encoder(ctx: BenchContext, layer: str = "trunk") -> nn.Module:
     name = ctx.args.encoder
     if name in ("resnet50", "small"):
         name = f"rcdm.stages.bench:random_{'resnet50' if name == 'resnet50' else 'small_encoder'}"
-    return encoders.load(name, ctx.args.encoder_checkpoint, layer, trust=ctx.args.trust_checkpoint)
+    return encoders.load_as_extracted(
+        name, ctx.args.encoder_checkpoint, layer, trust=ctx.args.trust_checkpoint
+    )
 
 
 def _jpeg_folder(ctx: BenchContext, n: int, size: int) -> Path:
@@ -790,7 +793,7 @@ def _describe(row: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     flags = flags_from_spec(args.flags)
     if args.repeats < 1 or args.warmup < 0 or args.batch_size < 1 or args.workers < 0:
         raise SystemExit("rcdm bench: --repeats and --batch-size must be >= 1, --warmup and --workers >= 0")

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rcdm.device import resolve_device
 from rcdm.encoders import SMALL_FORMAT, build_small
 from rcdm.io import atomic_path, sha256_file
 
@@ -441,7 +442,7 @@ def run(args: argparse.Namespace) -> int:
         time_budget=args.time_budget,
         augment=aug,
     )
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     images = resize_to(read_images(args.images, args.limit), s.input_size)
     start = time.time()
     trunk, head, history = train(images, s, device)
