@@ -329,7 +329,8 @@ def test_file_errors_are_one_line_naming_the_file_and_the_fix(setup, tmp_path, c
 
     out = tmp_path / "ok.h5"
     assert sample_mod.run(_args(root, out)) == 0
-    with h5py.File(hdf5.part_path(out, 0, 1), "a") as h5:  # as if the images file had moved: the grid has nothing to show
+    # as if the images file had moved: the grid has no conditioning images to show
+    with h5py.File(hdf5.part_path(out, 0, 1), "a") as h5:
         text = h5.attrs["settings_json"]
         assert str(root / "images.h5") in text
         h5.attrs["settings_json"] = text.replace(str(root / "images.h5"), str(tmp_path / "gone.h5"))
