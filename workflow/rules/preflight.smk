@@ -45,7 +45,10 @@ def dataset_size(name: str) -> int:
 
 def preflight_checks() -> None:
     """Every check of the configuration that needs only the configuration and the image folders."""
-    sizes = {name: dataset_size(name) for name in DATASETS}
+    # The train set is read only to train an RCDM or pretrain an encoder (config/published.yaml does neither).
+    trains = any(rcdm_choice(e, layer) == "train" for e, layer in RUNS)
+    trains = trains or any(enc["source"] == "pretrain" for enc in ENCODERS.values())
+    sizes = {name: dataset_size(name) for name in DATASETS if trains or name != "train"}
     for name, n in sizes.items():
         if extract_shards(name) > n:
             raise WorkflowError(
@@ -53,7 +56,7 @@ def preflight_checks() -> None:
                 f"{n} images; lower it to at most {n}."
             )
     batch = config["train"]["batch_size"]
-    if sizes["train"] < batch:
+    if trains and sizes["train"] < batch:
         raise WorkflowError(
             f"train.batch_size: {batch} but data.train has {sizes['train']} images, fewer than one batch; lower "
             "train.batch_size or train on more images (data.train.num_images)."
