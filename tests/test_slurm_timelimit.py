@@ -94,8 +94,9 @@ def _snakefile(tmp: Path, command: list[str], threads: int) -> Path:
 @pytest.mark.parametrize("procs", [1, 2])
 def test_one_minute_limit_resumes_bit_identical(cluster, data, tmp_path, procs):
     root, img, feat, flags = data
-    # ~40 s of training: more than a one-minute allocation leaves after start-up and the margin
-    steps = _steps_for(40.0, data, procs)
+    # ~55 s of training: more than a one-minute allocation can leave after start-up and the margin, and
+    # little enough that the second allocation (its start-up ~10-15 s on an idle machine) finishes it
+    steps = _steps_for(55.0, data, procs)
     ref = root / f"ref{procs}"
     subprocess.run(_launcher(procs) + _train_args(img, feat, flags, ref, steps), check=True, env=_env(),
                    capture_output=True, timeout=600)  # fmt: skip
