@@ -514,3 +514,28 @@ def test_micro_report(micro_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     html = (work / "report.html").read_text(errors="replace")
     assert "grid.png" in html and "conditioned.png" in html
+
+
+@pytest.mark.slow
+def test_changed_encoder_trains_a_new_model(micro_run, tmp_path):
+    """After a complete run, a changed encoder (pretrain.steps 5 -> 6) retrains from scratch: the new model
+    differs from the old one and its log says it started afresh (no stale resume of the old checkpoints)."""
+    import shutil
+
+    import torch
+
+    work, res, cfg = micro_run
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy, symlinks=True)  # the complete run, its outputs' times and metadata
+    ema = f"ema_{float(cfg['train']['ema_rates'][0])!r}_final.pt"
+    model = Path("results") / cfg["experiment"] / "models" / "demo" / "trunk"
+    old = torch.load(copy / model / ema, weights_only=True)
+    changed = write_config(tmp_path, "micro.yaml", name="encoder.yaml", **{"pretrain.steps": 6})
+    proc = snakemake("--cores", "2", "--configfile", str(changed), "--until", "train", cwd=copy, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (copy / "logs" / cfg["experiment"] / "train" / "demo" / "trunk.log").read_text()
+    assert "starting at step 0" in log and "resuming" not in log, log[-2000:]
+    new = torch.load(copy / model / ema, weights_only=True)
+    assert max((new[k].float() - old[k].float()).abs().max().item() for k in old) > 0
+    runs = sorted(p.name for p in (copy / "results" / cfg["experiment"] / "checkpoints").rglob("run-*"))
+    assert len(runs) == 2  # the old run's checkpoints are kept apart, never resumed by the new one
