@@ -241,6 +241,20 @@ def test_imagenet_config_builds_the_full_dag(tmp_path):
     assert counts["merge_samples"] == runs * (1 + len(cfg["data"]["ood"]))
     assert counts["fetch"] == len(cfg["encoders"]) + 1  # encoder files + the Inception weights
     assert counts["tabulate"] == 1
+    # sbatch submissions through the SLURM profile: every job but the local ones; the profile's array rules
+    # submit the shards of one (rule, other wildcards) together, since they become ready together
+    local = {"all", "fetch", "model_flags", "train_check", "run_flags"}
+    cluster = sum(n for rule, n in counts.items() if rule not in local | {"total"})
+    profile = yaml.safe_load((ROOT / "slurm" / "config.yaml").read_text())
+    arrays = set(profile["slurm-array-jobs"].split(","))
+    groups = set()
+    for rule, body in re.findall(r"^(?:local)?rule (\w+):\n((?:    .*\n)*)", proc.stdout, flags=re.M):
+        wildcards = re.search(r"^    wildcards: (.*)$", body, flags=re.M)
+        if rule in arrays:
+            groups.add((rule, re.sub(r"shard=\d+, ?", "", wildcards[1])))
+    shards = sum(counts[rule] for rule in arrays)
+    assert (cluster, shards, len(groups)) == (1031, 897, 36)
+    assert cluster - shards + len(groups) == 170  # sbatch submissions at most, against 1031 without arrays
 
 
 # ------------------------------------------------------------------------------------------ fail fast
