@@ -98,9 +98,9 @@ def test_micro_workflow_through_slurm(cluster, tmp_path):
     cfg["resources"] = {"default": {"threads": 1, "mem_mb": 1500, "runtime": 10}}
     path = tmp_path / "slurm_micro.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    cmd = ["timeout", "-k", "10", "600", sys.executable, "-m", "snakemake", "--profile", "slurm"]
+    cmd = ["timeout", "-k", "10", "1500", sys.executable, "-m", "snakemake", "--profile", "slurm"]
     cmd += LOCAL_CLUSTER_FLAGS + ["--configfile", str(path), "--directory", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=700)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1560)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert "has been submitted with SLURM jobid" in out
