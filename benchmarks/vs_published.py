@@ -82,6 +82,7 @@ TINY_FLAGS: dict[str, Any] = {
 }
 
 COLUMNS = (
+    "run",
     "part",
     "case",
     "unit",
@@ -921,16 +922,23 @@ MD_HEADER = (
 )
 
 
-def markdown(rows: Sequence[dict[str, Any]], env: dict[str, Any], quality: Sequence[dict] | None) -> str:
-    """The comparison table (and, with the quality part, every candidate setting)."""
-    lines = [
-        "# rcdm vs the published RCDM code, side by side",
-        "",
-        f"Machine: {env['cpu']}, {env['threads']} thread(s), PyTorch {env['torch']}; load average (1 min) "
-        f"{env['load_before'][0]:.2f} before, {env['load_after'][0]:.2f} after; {env['date']}. Times in "
-        f"seconds of {env['clock']} time per unit (cpu: this process's CPU time, which leaves out the time "
-        "other jobs hold the cores; wall: elapsed); ratio = published time / our time (> 1: ours faster), "
-        "its spread = the min-max of the per-round ratios; the other clock's ratio is shown beside it.",
+def markdown(
+    rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]], quality: Sequence[dict] | None
+) -> str:
+    """The comparison table (and, with the quality part, every candidate setting); ``runs``: the environment
+    of each invocation that wrote rows (``--append``), rows carry its index in ``run``."""
+    lines = ["# rcdm vs the published RCDM code, side by side", ""]
+    for i, env in enumerate(runs, 1):
+        lines.append(
+            f"Run {i} ({', '.join(env.get('parts', []))}): {env['cpu']}, {env['threads']} thread(s), PyTorch "
+            f"{env['torch']}; load average (1 min) {env['load_before'][0]:.2f} before, "
+            f"{env['load_after'][0]:.2f} after; {env['date']}."
+        )
+        lines.append("")
+    lines += [
+        f"Times in seconds of {runs[-1]['clock']} time per unit (cpu: this process's CPU time, which leaves "
+        "out the time other jobs hold the cores; wall: elapsed); ratio = published time / our time (> 1: "
+        "ours faster), its spread = the min-max of the per-round ratios; the other clock's is beside it.",
         "",
         MD_HEADER,
         "| --- | --- | --- | --- | ---: | ---: | ---: | --- | --- | --- | --- |",
@@ -939,8 +947,9 @@ def markdown(rows: Sequence[dict[str, Any]], env: dict[str, Any], quality: Seque
         quality_text = ""
         if r.get("published_quality"):
             quality_text = f"; published {r['published_quality']}; ours {r['ours_quality']}"
+        tag = f" (run {r['run']})" if len(runs) > 1 else ""
         lines.append(
-            f"| {r['part']} | {r['case']} | {r['published']} | {r['ours']} | "
+            f"| {r['part']} | {r['case']}{tag} | {r['published']} | {r['ours']} | "
             f"{r['published_median']:.4g} ({r['published_min']:.4g}-{r['published_max']:.4g}) {r['unit']}; "
             f"{r['published_per_s']} | {r['ours_median']:.4g} ({r['ours_min']:.4g}-{r['ours_max']:.4g}) "
             f"{r['unit']}; {r['ours_per_s']} | **{r['ratio']:.2f}x** "
@@ -1022,9 +1031,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--our-batch", type=int, default=64)
     p.add_argument(
         "--candidates",
-        default="dpm-solver++:10,dpm-solver++:15,dpm-solver++:20,dpm-solver++:25,ddim:25,ddpm:50",
+        default="dpm-solver++:5,dpm-solver++:7,dpm-solver++:10,dpm-solver++:15,dpm-solver++:20,ddim:25,ddpm:50",
+        help="quality: our settings to try, sampler:steps (each at --our-batch and every --precisions)",
     )
     p.add_argument("--precisions", default="fp32", help="quality: our precisions to try (fp32, bf16)")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows of an earlier run in --out (one table, runs listed)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny model, one round, a few steps (CI)")
     args = p.parse_args(argv)
     args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
@@ -1064,6 +1079,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"vs_published: {message}", file=sys.stderr, flush=True)
 
     env = {
+        "parts": list(args.parts),
         "clock": args.clock,
         "cpu": _cpu_name(),
         "threads": torch.get_num_threads(),
@@ -1085,10 +1101,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             new, quality = part_quality(pub, args, log)
             rows += new
     env["load_after"] = list(os.getloadavg())
+    runs = [env]
+    previous = out / "vs_published.json"
+    if args.append and previous.is_file():
+        old = json.loads(previous.read_text())
+        runs = old.get("runs", [old.get("environment")]) + [env]
+        rows = [{**r, "run": r.get("run", 1)} for r in old["rows"]] + rows
+        quality = quality if quality is not None else old.get("quality")
+    for r in rows:
+        r.setdefault("run", len(runs))
     _write_csv(out / "vs_published.csv", rows, COLUMNS)
-    (out / "vs_published.md").write_text(markdown(rows, env, quality))
+    (out / "vs_published.md").write_text(markdown(rows, runs, quality))
     doc = {
-        "environment": env,
+        "runs": runs,
         "arguments": {k: v for k, v in vars(args).items()},
         "rows": rows,
         "quality": quality,

@@ -89,7 +89,7 @@ def test_smoke_run_same_samples_and_tables(tmp_path, monkeypatch):
     doc = json.loads((out / "vs_published.json").read_text())
     equal = [r["equal_samples"] for r in doc["rows"] if "equal_samples" in r]
     assert equal == [True] * 4
-    assert {"cpu", "threads", "torch", "load_before", "load_after"} <= set(doc["environment"])
+    assert {"cpu", "threads", "torch", "load_before", "load_after"} <= set(doc["runs"][0])
 
     md = (out / "vs_published.md").read_text().splitlines()
     assert vp.MD_HEADER in md
