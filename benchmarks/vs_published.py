@@ -933,6 +933,7 @@ def markdown(
             f"Run {i} ({', '.join(env.get('parts', []))}): {env['cpu']}, {env['threads']} thread(s), PyTorch "
             f"{env['torch']}; load average (1 min) {env['load_before'][0]:.2f} before, "
             f"{env['load_after'][0]:.2f} after; {env['date']}."
+            + (f" {env['note']}." if env.get("note") else "")
         )
         lines.append("")
     lines += [
@@ -1040,6 +1041,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="keep the rows of an earlier run in --out (one table, runs listed)",
     )
+    p.add_argument(
+        "--render-only", action="store_true", help="rewrite the CSV/Markdown of --out from its JSON"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny model, one round, a few steps (CI)")
     args = p.parse_args(argv)
     args.parts = [s.strip() for s in args.parts.split(",") if s.strip()]
@@ -1123,8 +1127,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
+def render(out: Path) -> None:
+    """Rewrite the CSV and Markdown of ``out`` from its JSON (e.g. after annotating a run)."""
+    doc = json.loads((out / "vs_published.json").read_text())
+    _write_csv(out / "vs_published.csv", doc["rows"], COLUMNS)
+    (out / "vs_published.md").write_text(markdown(doc["rows"], doc["runs"], doc.get("quality")))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render_only:
+        render(Path(args.out))
+        return 0
     doc = run(args)
     print((Path(args.out) / "vs_published.md").read_text())
     return 0 if all(r.get("equal_samples", True) for r in doc["rows"]) else 1
