@@ -2,7 +2,9 @@
 
 Each stage lives in its own module under ``rcdm/stages/``, which exposes ``add_arguments(parser)`` and
 ``run(args) -> int | None``. Modules are imported lazily so ``rcdm --help`` stays fast and a stage's heavy
-imports cost only that stage.
+imports cost only that stage. A missing or broken input file (:class:`rcdm.errors.InputFileError`) is one
+line on stderr, ``rcdm <stage>: error: <file>: <problem>; <what to do>``, and exit status
+:data:`rcdm.errors.EXIT_PERMANENT` (1), without a traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from rcdm.errors import EXIT_PERMANENT, InputFileError
 
 # stage name -> (module, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
@@ -56,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"rcdm {name}", description=STAGES[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except InputFileError as err:
+        print(f"rcdm {name}: error: {err}", file=sys.stderr)
+        return EXIT_PERMANENT
 
 
 if __name__ == "__main__":

@@ -302,3 +302,24 @@ def open_dataset(
             f"dataset {spec!r} has no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, any case)"
         )
     return source
+
+
+def open_dataset_input(spec: str, *args: Any, option: str = "--dataset", **kwargs: Any) -> ImageSource:
+    """:func:`open_dataset` for a stage's input: a folder that does not exist or holds no images is an
+    :class:`rcdm.errors.InputFileError` naming it and what to do (``option``: where the spec came from)."""
+    from rcdm.errors import InputFileError
+
+    try:
+        return open_dataset(spec, *args, **kwargs)
+    except FileNotFoundError as err:  # neither a registered name nor a folder
+        raise InputFileError(
+            spec,
+            f"no such folder (nor a registered dataset: {', '.join(sorted(_REGISTRY))})",
+            f"check {option} (the data folders of the config)",
+        ) from err
+    except EmptyDatasetError as err:
+        raise InputFileError(
+            spec,
+            f"holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} in it and its sub-folders)",
+            f"put the images there, or point {option} at the folder that holds them",
+        ) from err

@@ -285,6 +285,14 @@ def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> dict[str, Any
     return {k: getattr(args, k) for k in keys}
 
 
+def model_flags_file(spec: str | os.PathLike | Mapping[str, Any] | None) -> str | None:
+    """The file a ``--model-flags`` value names, or None when it is a JSON object, a mapping or empty."""
+    if spec is None or isinstance(spec, Mapping):
+        return None
+    text = str(spec).strip()
+    return None if not text or text.startswith("{") else text
+
+
 def read_model_flags(spec: str | os.PathLike | Mapping[str, Any] | None) -> dict[str, Any] | None:
     """Model flags from ``--model-flags``: a mapping, a JSON object string, or a YAML/JSON file.
 

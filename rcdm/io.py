@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from rcdm.errors import InputFileError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
@@ -45,8 +47,12 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(InputFileError, RuntimeError):
     """A checkpoint needs arbitrary code to be unpickled and was not explicitly trusted."""
+
+
+#: how a file ``torch.save`` wrote starts: a zip archive (since torch 1.6) or a pickle (older)
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
 
 
 def safe_torch_load(path: str | os.PathLike, trust: bool = False, map_location: str = "cpu"):
@@ -61,13 +67,25 @@ def safe_torch_load(path: str | os.PathLike, trust: bool = False, map_location: 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise ValueError(f"{path}: empty file (0 bytes)")
+    if not head.startswith(_TORCH_MAGIC):
+        raise ValueError(f"{path}: not a PyTorch file (neither a zip archive nor a pickle)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except RuntimeError as err:  # torch's zip reader on a truncated or damaged archive
+        if "PytorchStreamReader" not in str(err):
+            raise
+        raise ValueError(f"{path}: truncated or damaged ({str(err).split('. ')[0]})") from err
     except pickle.UnpicklingError as err:
         if not trust:
             raise UnsafeCheckpointError(
-                f"{path} cannot be loaded with torch.load(weights_only=True): it needs to unpickle code "
-                f"({str(err).splitlines()[0]}). Only if you trust its source, opt in explicitly: pass "
-                "trust=True (Python) / --trust-checkpoint (CLI) / `trust_checkpoints: true` (config)."
+                path,
+                "cannot be loaded with torch.load(weights_only=True): it needs to unpickle code "
+                f"({str(err).splitlines()[0]})",
+                "only if you trust its source, opt in explicitly: trust=True (Python) / --trust-checkpoint "
+                "(CLI) / `trust_checkpoints: true` (config)",
             ) from err
         return torch.load(path, map_location=map_location, weights_only=False)
