@@ -63,13 +63,14 @@ from tqdm import tqdm
 from rcdm.device import default_workers, resolve_device
 from rcdm.distributed import DistContext, barrier, cleanup, init_distributed
 from rcdm.ema import EMA, rate_tag
+from rcdm.errors import EXIT_PERMANENT, InputFileError, reading
 from rcdm.factory import read_model_flags
 from rcdm.io import atomic_path, safe_torch_load
 from rcdm.schedule_sampler import LossAwareSampler, create_named_schedule_sampler
 from rcdm.train_data import H5PairDataset, StepBatchSampler, ignore_stop_signals, to_model_images
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; rerun to resume
-EXIT_CONFIG = 1
+EXIT_CONFIG = EXIT_PERMANENT  # 1
 EXIT_NONFINITE = 3
 CHECKPOINT_FORMAT = "rcdm-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -379,7 +380,8 @@ class Trainer:
         self.ctx = ctx or DistContext(device=resolve_device("auto"))
         self.device = self.ctx.device
         self._validate_numbers()
-        self.data = H5PairDataset(cfg.images, cfg.features, deep_check=cfg.deep_check)
+        with reading(cfg.images, cfg.features):
+            self.data = H5PairDataset(cfg.images, cfg.features, deep_check=cfg.deep_check)
         self.flags = resolve_flags(**self._flags_for_data(load_model_flags(cfg.model_flags)))
         precision = "fp16" if self.flags["use_fp16"] and cfg.precision == "auto" else cfg.precision
         self.precision = resolve_precision(precision, self.device)
@@ -514,14 +516,15 @@ class Trainer:
             path = Path(cfg.resume)
             if not path.is_file():
                 raise TrainConfigError(f"--resume checkpoint not found: {path}")
-            state = safe_torch_load(path, trust=cfg.trust_checkpoint)
-            if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-                found = (path, validate_checkpoint(state, path))
-            else:  # a plain state dict (an export or a published checkpoint): initial weights, step 0
-                from rcdm.checkpoint import unwrap_state_dict
+            with reading(path, fix="give another --resume file (or --resume auto / none)"):
+                state = safe_torch_load(path, trust=cfg.trust_checkpoint)
+                if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+                    found = (path, validate_checkpoint(state, path))
+                else:  # a plain state dict (an export or a published checkpoint): initial weights, step 0
+                    from rcdm.checkpoint import unwrap_state_dict
 
-                self._init_weights = (path, unwrap_state_dict(state, str(path)))
-                return None
+                    self._init_weights = (path, unwrap_state_dict(state, str(path)))
+                    return None
         if found is None:
             return None
         path, state = found
@@ -1027,7 +1030,7 @@ def run(args: argparse.Namespace) -> int:
 
     config_errors = (
         TrainConfigError, FileNotFoundError, H5SchemaError, UnknownFlagError, CheckpointMismatchError,
-        UnsafeCheckpointError,
+        UnsafeCheckpointError, InputFileError,
     )  # fmt: skip
 
     try:
