@@ -31,6 +31,7 @@ from torch import nn
 
 from rcdm.device import resolve_device
 from rcdm.encoders import SMALL_FORMAT, build_small
+from rcdm.errors import InputFileError, reading
 from rcdm.io import atomic_path, sha256_file
 
 METHODS = ("simclr", "vicreg")
@@ -443,7 +444,11 @@ def run(args: argparse.Namespace) -> int:
         augment=aug,
     )
     device = resolve_device(args.device)
-    images = resize_to(read_images(args.images, args.limit), s.input_size)
+    with reading(args.images):
+        images = read_images(args.images, args.limit)
+    images = resize_to(images, s.input_size)
+    if args.probe:  # its files are checked now, not after training
+        _check_probe_inputs(args.images, args.probe)
     start = time.time()
     trunk, head, history = train(images, s, device)
     losses = [loss for _, loss in history]
@@ -465,6 +470,18 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _check_probe_inputs(train_file: Path, val_file: Path) -> None:
+    """Both files of ``--probe`` readable, with images and factors; else an InputFileError naming one."""
+    for path in (train_file, val_file):
+        with reading(path):
+            read_images(path, 1)
+            factors = read_factors(path, 1)
+        if not factors:
+            raise InputFileError(
+                path, "records no factors (--probe needs `shapes` images files)", "leave out --probe"
+            )
 
 
 def probe_files(
