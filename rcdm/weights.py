@@ -91,7 +91,8 @@ REGISTRY: dict[str, WeightFile] = {
             "https://download.pytorch.org/models/resnet50-0676ba61.pth",
             "encoder",
             "trunk 2048",
-            "torchvision ResNet-50 IMAGENET1K_V1 (what resnet50(pretrained=True) loads)",
+            "torchvision ResNet-50 IMAGENET1K_V1 (what resnet50(pretrained=True) loads; with its fc, the "
+            "adversarial study's classifier)",
             sha256_prefix="0676ba61",
         ),
         _rcdm("simclr", "trunk", 2048),

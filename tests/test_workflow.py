@@ -240,6 +240,10 @@ def test_imagenet_config_builds_the_full_dag(tmp_path):
     assert counts["sample"] == runs * (cfg["sample"]["shards"] + len(cfg["data"]["ood"]))
     assert counts["merge_samples"] == runs * (1 + len(cfg["data"]["ood"]))
     assert counts["fetch"] == len(cfg["encoders"]) + 1  # encoder files + the Inception weights
+    # every model's adversarial study asks (and attacks) the supervised ResNet-50 classifier, fetched above
+    adversarial = [line for line in proc.stdout.splitlines() if "rcdm study adversarial " in line]
+    assert len(adversarial) == 9
+    assert all("--classifier weights/resnet50-0676ba61.pth " in c for c in adversarial)
     assert counts["tabulate"] == 1
     # sbatch submissions through the SLURM profile: every job but the local ones; the profile's array rules
     # submit the shards of one (rule, other wildcards) together, since they become ready together

@@ -41,6 +41,32 @@ def test_published_config_plans_no_training(tmp_path):
     for encoder, layer in runs:
         assert f"rcdm flags weights/{entry(rcdm_checkpoint_name(encoder, layer)).filename} " in proc.stdout
     assert "--split train" not in proc.stdout  # the train set is never read
+    # the adversarial study's supervised comparison: torchvision's ResNet-50 (with fc), a fetched weight file
+    classifier = entry("supervised").filename
+    assert f"rcdm fetch --weights-dir weights {classifier} " in proc.stdout
+    adversarial = [line for line in proc.stdout.splitlines() if "rcdm study adversarial " in line]
+    assert len(adversarial) == 9 and all(f"--classifier weights/{classifier} " in c for c in adversarial)
+    others = [line for line in proc.stdout.splitlines() if "rcdm study " in line and line not in adversarial]
+    assert others and not any("--classifier" in c for c in others)
+
+
+def test_demo_adversarial_study_asks_the_probe(tmp_path):
+    """The demo's supervised comparison: the shapes factor probe (trained by study_probe) is the classifier;
+    without the probe, asking for it fails the dry run naming the key."""
+    proc = snakemake("-n", "-p", "--configfile", str(ROOT / "config" / "config.yaml"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    adversarial = [line for line in proc.stdout.splitlines() if "rcdm study adversarial " in line]
+    assert len(adversarial) == 2  # trunk and head
+    assert all("--classifier results/demo/studies/probe/probe.pt " in c for c in adversarial)
+    changes = {
+        "studies.run": ["adversarial"],
+        "studies.probe": False,
+        "studies.adversarial_classifier": "probe",
+    }
+    cfg = write_config(tmp_path, "micro.yaml", **changes)
+    proc = snakemake("-n", "--configfile", str(cfg), cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "studies.adversarial_classifier: probe needs the shapes factor probe" in proc.stderr + proc.stdout
 
 
 @pytest.fixture(scope="module")

@@ -179,6 +179,27 @@ def rcdm_files(encoder: str, layer: str) -> dict:
     return {"checkpoint": f"{WEIGHTS}/{choice}", "flags": f"{model}/file_flags.json"}
 
 
+# ---------------------------------------------------------------------------------------------- studies
+def study_classifier(study: str) -> str | list:
+    """The image classifier file a study job reads ([] for none): the adversarial study's supervised comparison
+    (studies.adversarial_classifier). `supervised`: torchvision's ResNet-50 with its fc, the registry's file in
+    weights_dir (the fetch rule gets it like the encoders' files); `probe`: the shapes factor probe the
+    study_probe rule trains; otherwise a file name in weights_dir."""
+    choice = STUDIES["adversarial_classifier"]
+    if study != "adversarial" or not choice:
+        return []
+    if choice == "supervised":
+        return weight_file("supervised")
+    if choice == "probe":
+        if not (STUDIES["probe"] and config["data"]["train"]["source"] == "shapes"):
+            raise WorkflowError(
+                "studies.adversarial_classifier: probe needs the shapes factor probe (studies.probe: true and "
+                "data.train.source: shapes); set it to supervised, a classifier file in weights_dir, or null."
+            )
+        return f"{R}/studies/probe/probe.pt"
+    return f"{WEIGHTS}/{choice}"
+
+
 # ---------------------------------------------------------------------------------------------- resources
 _GPU_KEYS = {"gpu", "gpu_model", "cpus_per_gpu", "tasks_per_gpu"}
 _RESOURCE_KEYS = {"mem_mb", "runtime", "nodes", "slurm_partition", "slurm_account", "constraint", "qos"}

@@ -52,6 +52,7 @@ rule study:
             FEATURES.format(encoder=wc.encoder, dataset=wc.dataset, layer="head") if wc.layer == "both" else []
         ),
         probe=rules.study_probe.output.probe if PROBE else [],
+        classifier=lambda wc: study_classifier(wc.study),  # adversarial: the supervised comparison
     output:
         record=f"{STUDY}/{{study}}.json",
         figure=report(
@@ -83,7 +84,7 @@ rule study:
             head_model_flags=input.head_flags or None,
             head_features=input.head_features or None,
         ),
-        probe=lambda wc, input: opts(probe=input.probe or None),
+        probe=lambda wc, input: opts(probe=input.probe or None, classifier=input.classifier or None),
         opts=lambda wc: " ".join([STUDY_OPTS, STUDIES["extra_args"].get(wc.study, "")]),
     threads: rule_threads("study")
     resources:
