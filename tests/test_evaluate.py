@@ -457,16 +457,24 @@ def test_samples_file_problems_are_clear(toy, tmp_path):
 
 
 def test_truncated_input_is_one_line_naming_the_file_and_the_fix(toy, tmp_path, capsys):
+    """(The missing and broken inputs of every stage: tests/test_file_errors.py.)"""
+    from rcdm.cli import main
+
     data = (toy["root"] / "features.h5").read_bytes()
     (tmp_path / "f.h5").write_bytes(data[: len(data) // 2])
-    parser = argparse.ArgumentParser()
-    ev_mod.add_arguments(parser)
     argv = [
-        "--samples", str(toy["samples"]), "--out", str(tmp_path / "m.csv"), "--weights-dir", str(tmp_path),
-        "--features", str(tmp_path / "f.h5"), "--encoder-checkpoint", str(toy["enc"]), "--no-progress",
+        "evaluate", "--samples", str(toy["samples"]), "--out", str(tmp_path / "m.csv"), "--weights-dir",
+        str(tmp_path), "--features", str(tmp_path / "f.h5"), "--encoder-checkpoint", str(toy["enc"]),
+        "--no-progress",
     ]  # fmt: skip
     capsys.readouterr()
-    assert ev_mod.run(parser.parse_args(argv)) == 1
-    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert len(err) == 1 and str(tmp_path / "f.h5") in err[0] and "delete that file and rerun" in err[0]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    from rcdm.errors import REMAKE
+
+    assert len(err) == 1 and err[0] == (
+        f"rcdm evaluate: error: {tmp_path / 'f.h5'}: not a readable HDF5 file (Unable to synchronously open "
+        f"file (truncated file: eof = {len(data) // 2}, sblock->base_addr = 0, stored_eof = {len(data)})); "
+        f"{REMAKE}"
+    )
     assert not (tmp_path / "m.csv").exists()

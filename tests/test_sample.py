@@ -1,6 +1,5 @@
 import argparse
 import json
-import shutil
 import zipfile
 
 import h5py
@@ -10,6 +9,7 @@ import torch
 from PIL import Image
 
 from rcdm.conditioning import noise_seed
+from rcdm.errors import InputFileError
 from rcdm.formats import hdf5
 from rcdm.formats.npz import iter_npz_array
 from rcdm.formats.samples import ShardSettingsMismatch, check_samples_file
@@ -238,10 +238,10 @@ def test_merge_refuses_missing_or_foreign_shards(setup, tmp_path):
     root, _ = setup
     out = tmp_path / "s.h5"
     sample_mod.run(_args(root, out, shard=0, num_shards=2))
-    with pytest.raises(SystemExit, match="1 shard"):
+    with pytest.raises(InputFileError, match="part-0001-of-0002.h5: shard missing; rerun shard 1 of 2"):
         _merge(out, 2, tmp_path / "x.npz")
     sample_mod.run(_args(root, out, shard=1, num_shards=2, seed=5))
-    with pytest.raises(ValueError, match="other settings than .*: seed"):
+    with pytest.raises(InputFileError, match="other settings than .*: seed; delete the shard"):
         _merge(out, 2, tmp_path / "x.npz")
     assert not (tmp_path / "x.npz").exists()
 
@@ -314,19 +314,12 @@ def test_grid_helper_layout_and_no_stretching():
         make_grid([[dark.astype(np.float32)]])
 
 
-def test_file_errors_are_one_line_naming_the_file_and_the_fix(setup, tmp_path, capsys):
-    """A truncated features file: one line naming it, what is wrong and what to do, no traceback; merging
-    without a conditioning images file fails before writing the npz."""
-    root, _ = setup
-    work = tmp_path / "root"
-    shutil.copytree(root, work)
-    data = (work / "features.h5").read_bytes()
-    (work / "features.h5").write_bytes(data[: len(data) // 2])
-    assert sample_mod.run(_args(work, tmp_path / "s.h5")) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and str(work / "features.h5") in err[0]
-    assert "not a readable HDF5 file" in err[0] and "delete that file and rerun" in err[0]
+def test_merge_without_the_conditioning_images_fails_before_writing(setup, tmp_path, capsys):
+    """Shards whose conditioning images file has moved: one line naming it and what to do, and no npz (the
+    missing and broken inputs of every stage: tests/test_file_errors.py)."""
+    from rcdm.cli import main
 
+    root, _ = setup
     out = tmp_path / "ok.h5"
     assert sample_mod.run(_args(root, out)) == 0
     # as if the images file had moved: the grid has no conditioning images to show
@@ -334,11 +327,10 @@ def test_file_errors_are_one_line_naming_the_file_and_the_fix(setup, tmp_path, c
         text = h5.attrs["settings_json"]
         assert str(root / "images.h5") in text
         h5.attrs["settings_json"] = text.replace(str(root / "images.h5"), str(tmp_path / "gone.h5"))
-    parser = argparse.ArgumentParser()
-    sample_merge.add_arguments(parser)
     capsys.readouterr()
-    args = parser.parse_args(["--input", str(out), "--num-shards", "1", "--out", str(tmp_path / "x.npz")])
-    assert sample_merge.run(args) == 1
+    argv = ["merge-samples", "--input", str(out), "--num-shards", "1", "--out", str(tmp_path / "x.npz")]
+    assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pass --images" in err[0]
+    gone = tmp_path / "gone.h5"
+    assert len(err) == 1 and f"{gone}: conditioning images file not found; pass --images" in err[0]
     assert not (tmp_path / "x.npz").exists()

@@ -12,11 +12,12 @@ import torch
 
 from rcdm import encoders
 from rcdm.device import DEVICE_HELP, default_workers, resolve_device
+from rcdm.errors import REFETCH, reading
 from rcdm.formats import hdf5
 from rcdm.formats.metrics_csv import write_metrics_csv
-from rcdm.formats.npz import read_npz_meta
-from rcdm.inception import InceptionWeightsMissing, load_inception
-from rcdm.scoring import FID_SEED, REFERENCE_SEED, EvalSettings, evaluate
+from rcdm.formats.npz import npz_array_shape, read_npz_meta
+from rcdm.inception import InceptionWeightsMissing, inception_weights_path, load_inception
+from rcdm.scoring import FID_SEED, REFERENCE_SEED, EvalSettings, evaluate, load_reference_stats
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,9 +84,10 @@ def _load_encoder(args, settings: dict[str, Any]) -> tuple[torch.nn.Module | Non
         return None, f"no checkpoint for encoder {name!r} given (--encoder-checkpoint)"
     if args.encoder_checkpoint and not Path(args.encoder_checkpoint).is_file():
         return None, f"encoder checkpoint not found at {args.encoder_checkpoint}"
-    enc = encoders.load_as_extracted(
-        name, args.encoder_checkpoint, args.layer, features_attrs=recorded, trust=args.trust_encoder
-    )
+    with reading(args.encoder_checkpoint, fix=REFETCH, keep=(encoders.EncoderMismatchError,)):
+        enc = encoders.load_as_extracted(
+            name, args.encoder_checkpoint, args.layer, features_attrs=recorded, trust=args.trust_encoder
+        )
     return enc, ""
 
 
@@ -102,24 +104,31 @@ def _settings(args, device, encoder, encoder_missing: str, inception, inception_
     )  # fmt: skip
 
 
+def _check_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """Every input file read once, before any work: a missing or broken one is an InputFileError naming it.
+    Returns the samples' settings."""
+    with reading(args.samples):
+        npz_array_shape(args.samples)
+        settings = read_npz_meta(args.samples)["settings"]
+    if args.features:
+        with reading(args.features):
+            hdf5.check_features_file(args.features, deep=False)
+    for path in (args.reference_images, args.conditioning_images):
+        if path:
+            with reading(path):
+                hdf5.check_images_file(path, deep=False)
+    if args.reference_stats:
+        with reading(args.reference_stats, fix="delete it and make it again, or give --reference-images"):
+            load_reference_stats(args.reference_stats)
+    return settings
+
+
 def run(args: argparse.Namespace) -> int:
-    """``_run``, with a missing or unreadable input file reported as one line naming it and what to do."""
-    try:
-        return _run(args)
-    except FileNotFoundError as err:  # an input not made yet, or a wrong path
-        print(f"rcdm evaluate: error: {err}", file=sys.stderr)
-        return 1
-    except hdf5.H5SchemaError as err:  # a truncated or foreign file: its job must make it again
-        msg = f"rcdm evaluate: error: {err}; delete that file and rerun (Snakemake remakes it)"
-        print(msg, file=sys.stderr)
-        return 1
-
-
-def _run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    settings = read_npz_meta(args.samples)["settings"]
+    settings = _check_inputs(args)
     try:
-        inception, inception_missing = load_inception(args.weights_dir, device=device), ""
+        with reading(inception_weights_path(args.weights_dir), fix=REFETCH, keep=(InceptionWeightsMissing,)):
+            inception, inception_missing = load_inception(args.weights_dir, device=device), ""
     except InceptionWeightsMissing as err:
         inception, inception_missing = None, str(err)
         print(f"rcdm evaluate: {err}", file=sys.stderr)

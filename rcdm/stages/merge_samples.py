@@ -16,12 +16,14 @@ from typing import Any
 import h5py
 import numpy as np
 
+from rcdm.errors import InputFileError, reading
 from rcdm.formats import hdf5
 from rcdm.formats.npz import write_npz
 from rcdm.formats.samples import (
     COND_IDS,
     COND_IMAGES,
     SAMPLES,
+    check_samples_file,
     common_settings,
     iter_shard_samples,
     ordered_shards,
@@ -52,12 +54,13 @@ def _cond_image_lookup(
 
         return from_shards, "shards' cond_images"
     images_file = images_file or settings.get("images_file") or None
-    if images_file is None or not Path(images_file).is_file():
-        raise FileNotFoundError(
-            f"conditioning images file not found ({images_file!r}): pass --images (the images file the "
-            "features were extracted from), or --no-grid"
-        )
-    hdf5.check_images_file(images_file, deep=False)
+    fix = "pass --images (the images file the features were extracted from), or --no-grid"
+    if images_file is None:
+        raise SystemExit(f"rcdm merge-samples: the shards name no conditioning images file: {fix}")
+    if not Path(images_file).is_file():
+        raise InputFileError(images_file, "conditioning images file not found", fix)
+    with reading(images_file):
+        hdf5.check_images_file(images_file, deep=False)
 
     def from_images(cid: int) -> np.ndarray:
         with h5py.File(images_file, "r") as h5:
@@ -115,29 +118,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def shard_fix(path: Path, shard: int, num_shards: int) -> str:
+    """What to do about a missing or broken samples shard: (delete it and) make that shard again."""
+    rerun = (
+        f"rerun shard {shard} of {num_shards} (Snakemake's sample job makes it; outside Snakemake, "
+        f"`rcdm sample ... --shard {shard} --num-shards {num_shards}`)"
+    )
+    return rerun if not path.exists() else f"delete it and {rerun}"
+
+
 def run(args: argparse.Namespace) -> int:
-    """``_run``, with a missing or unreadable input file reported as one line naming it and what to do."""
-    try:
-        return _run(args)
-    except FileNotFoundError as err:  # an input not made yet, or a wrong path
-        print(f"rcdm merge-samples: error: {err}", file=sys.stderr)
-        return 1
-    except hdf5.H5SchemaError as err:  # a truncated or foreign file: its job must make it again
-        msg = f"rcdm merge-samples: error: {err}; delete that file and rerun (Snakemake remakes it)"
-        print(msg, file=sys.stderr)
-        return 1
-
-
-def _run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from rcdm.grids import save_png
 
     paths = shard_paths(args.input, args.num_shards)
-    missing = [str(p) for p in paths if not p.is_file()]
+    missing = [i for i, p in enumerate(paths) if not p.is_file()]
     if missing:
-        raise SystemExit(f"rcdm merge-samples: {len(missing)} shard(s) missing: {', '.join(missing[:5])}")
-    settings = common_settings(paths)
+        more = f" (and {len(missing) - 1} more of the {len(paths)} shards)" if len(missing) > 1 else ""
+        first = paths[missing[0]]
+        raise InputFileError(first, f"shard missing{more}", shard_fix(first, missing[0], args.num_shards))
+    for i, p in enumerate(paths):  # each shard complete and readable, named when it is not
+        with reading(p, fix=shard_fix(p, i, args.num_shards)):
+            check_samples_file(p)
+    with reading(*paths, fix="delete the shard named and rerun it (Snakemake's sample job makes it again)"):
+        settings = common_settings(paths)
     if not args.no_grid:  # the grid's conditioning images, found before anything is written
         _cond_image_lookup(ordered_shards(paths), settings, args.images)
     n = 0

@@ -30,7 +30,8 @@ from rcdm.conditioning import (
     select_conditionings,
 )
 from rcdm.device import DEVICE_HELP, resolve_device
-from rcdm.factory import read_model_flags
+from rcdm.errors import MAKE_FIRST, REFETCH, InputFileError, reading
+from rcdm.factory import model_flags_file, read_model_flags
 from rcdm.formats import hdf5
 from rcdm.formats.samples import (
     COND_FEATURES,
@@ -241,33 +242,22 @@ def _open_conditioning(args, image_size: int, device: torch.device):
     if bool(args.features) == bool(args.dataset):
         raise SystemExit("rcdm sample: give exactly one of --features or --dataset")
     if args.features:
-        return FeatureConditioning(args.features)
+        with reading(args.features):
+            return FeatureConditioning(args.features)
     if not args.encoder:
         raise SystemExit("rcdm sample: --dataset needs --encoder (and usually --encoder-checkpoint)")
     from rcdm import encoders
-    from rcdm.data import open_dataset
+    from rcdm.data import open_dataset_input
 
-    enc = encoders.load_as_extracted(
-        args.encoder, args.encoder_checkpoint, args.layer, trust=args.trust_encoder
-    )
-    source = open_dataset(args.dataset, split=args.split)
+    with reading(args.encoder_checkpoint, fix=REFETCH):
+        enc = encoders.load_as_extracted(
+            args.encoder, args.encoder_checkpoint, args.layer, trust=args.trust_encoder
+        )
+    source = open_dataset_input(args.dataset, split=args.split)
     return ImageConditioning(source, enc, image_size, device, spec=args.dataset)
 
 
 def run(args: argparse.Namespace) -> int:
-    """``_run``, with a missing or unreadable input file reported as one line naming it and what to do."""
-    try:
-        return _run(args)
-    except FileNotFoundError as err:  # an input not made yet, or a wrong path
-        print(f"rcdm sample: error: {err}", file=sys.stderr)
-        return 1
-    except hdf5.H5SchemaError as err:  # a truncated or foreign file: its job must make it again
-        msg = f"rcdm sample: error: {err}; delete that file and rerun (Snakemake remakes it)"
-        print(msg, file=sys.stderr)
-        return 1
-
-
-def _run(args: argparse.Namespace) -> int:
     from rcdm.checkpoint import load_model
     from rcdm.io import sha256_file
 
@@ -277,8 +267,9 @@ def _run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
-        raise SystemExit(f"rcdm sample: checkpoint not found: {checkpoint}")
-    flags = read_model_flags(args.model_flags)
+        raise InputFileError(checkpoint, "checkpoint not found", MAKE_FIRST)
+    with reading(model_flags_file(args.model_flags)):
+        flags = read_model_flags(args.model_flags)
     settings: dict[str, Any] = {
         "checkpoint": str(checkpoint),
         "model_sha256": sha256_file(checkpoint),
@@ -298,14 +289,17 @@ def _run(args: argparse.Namespace) -> int:
     }
     if out.exists() and not args.overwrite:
         # Everything else in the stored settings follows from these (and the checkpoint / conditioning).
-        stored = read_settings(out)
+        with reading(out):  # this job's own earlier output
+            stored = read_settings(out)
         if all(stored.get(k) == json.loads(json.dumps(v)) for k, v in settings.items()):
-            check_samples_file(out)
+            with reading(out):
+                check_samples_file(out)
             print(f"rcdm sample: {out} is complete, skipping", file=sys.stderr)
             print(out)
             return 0
 
-    model, diffusion = load_model(checkpoint, flags, trust=args.trust_checkpoint, device=device)
+    with reading(checkpoint):
+        model, diffusion = load_model(checkpoint, flags, trust=args.trust_checkpoint, device=device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     image_size = int(model.image_size)
