@@ -108,14 +108,16 @@ def test_recommend_picks_cheapest_near_best():
         recommend([], 0.1)
 
 
-def test_bad_inputs_are_named(demo, tmp_path):
+def test_bad_inputs_are_named(demo, tmp_path, capsys):
     flags = tmp_path / "flags.json"
     flags.write_text(json.dumps({**FLAGS, "image_size": 16, "attention_resolutions": "8"}))
     with pytest.raises(ValueError, match="samples 16 px images but .* holds 8 px images"):
         main([*_argv(demo, tmp_path), "--model-flags", str(flags)])
     with pytest.raises(ValueError, match="unknown"):
         main([*_argv(demo, tmp_path)[:-2], "--samplers", "euler", "--out", str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match="features file not found"):
-        argv = _argv(demo, tmp_path)
-        argv[argv.index("--features") + 1] = str(tmp_path / "missing.h5")
-        main(argv)
+    argv = _argv(demo, tmp_path)
+    argv[argv.index("--features") + 1] = str(tmp_path / "missing.h5")
+    capsys.readouterr()
+    assert main(argv) == 1  # one line naming the file and what to do, no traceback
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{tmp_path / 'missing.h5'}: features file not found; check the path" in err[0]

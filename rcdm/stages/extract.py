@@ -28,8 +28,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from rcdm.data import BAD_IMAGE_POLICIES, BadImageError, ImageSource, open_dataset
+from rcdm.data import BAD_IMAGE_POLICIES, BadImageError, ImageSource, open_dataset_input
 from rcdm.device import DEVICE_HELP, default_workers, resolve_device
+from rcdm.errors import REFETCH, InputFileError, reading
 from rcdm.formats import hdf5 as hs
 from rcdm.io import atomic_path, sha256_file
 from rcdm.preprocess import CROP_METHOD, INPUT_NORMS, center_crop_arr, encoder_input
@@ -452,10 +453,21 @@ def _encode_loop(loader, img_writer, sink, summary: ExtractSummary, on_bad_image
     return digest.hexdigest()
 
 
+class BadImageFileError(InputFileError, BadImageError):
+    """An image file that cannot be decoded, with ``on_bad_image="error"``: names the file and what to do."""
+
+
 def _record_bad(bad: list[tuple[str, str]], on_bad_image: str, summary: ExtractSummary) -> None:
     for key, reason in bad:
         if on_bad_image == "error":
-            raise BadImageError(f"{reason} (on_bad_image=error; use 'skip' to skip such files)")
+            end = reason.find(f"{key}: ") + len(key)  # decode_image's reasons read "<path>: <problem>"
+            path, problem = (key, reason) if end < len(key) else (reason[:end], reason[end + 2 :])
+            raise BadImageFileError(
+                path,
+                f"{problem} (on_bad_image=error)",
+                "replace or delete that file, or skip such files (--on-bad-image skip; config "
+                "data.on_bad_image: skip)",
+            )
         summary.bad.append(reason if reason.startswith(key) else f"{key}: {reason}")
         log.warning("skipping bad image %s", reason)
 
@@ -610,8 +622,11 @@ def run(args: argparse.Namespace) -> int:
     features_out = _parse_features_out(args.features_out, args.layers)
     if features_out and not args.encoder:
         raise SystemExit("rcdm extract: --features-out needs --encoder (and usually --encoder-checkpoint)")
-    source = open_dataset(args.dataset, args.split, args.num_images, args.seed, args.native_size)
-    sha = sha256_file(args.encoder_checkpoint) if features_out and args.encoder_checkpoint is not None else ""
+    source = open_dataset_input(args.dataset, args.split, args.num_images, args.seed, args.native_size)
+    sha = ""
+    if features_out and args.encoder_checkpoint is not None:
+        with reading(args.encoder_checkpoint, fix=REFETCH):
+            sha = sha256_file(args.encoder_checkpoint)
     job = ExtractJob(
         source=source,
         dataset=args.dataset,
@@ -635,17 +650,21 @@ def run(args: argparse.Namespace) -> int:
         from rcdm import encoders
 
         kw = dict(trust=args.trust_encoder, input_size=args.input_size, input_norm=args.input_norm)
-        if len(layers) == 2:
-            return encoders.load_pair(args.encoder, args.encoder_checkpoint, **kw)
-        return encoders.load(args.encoder, args.encoder_checkpoint, layers[0], **kw)
+        with reading(args.encoder_checkpoint, fix=REFETCH):
+            if len(layers) == 2:
+                return encoders.load_pair(args.encoder, args.encoder_checkpoint, **kw)
+            return encoders.load(args.encoder, args.encoder_checkpoint, layers[0], **kw)
 
-    run_extraction(
-        job,
-        factory,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=args.device,
-        on_bad_image=args.on_bad_image,
-        progress=not args.no_progress,
-    )
+    try:
+        run_extraction(
+            job,
+            factory,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            device=args.device,
+            on_bad_image=args.on_bad_image,
+            progress=not args.no_progress,
+        )
+    except FileExistsError as err:  # an existing output made otherwise, or broken: it names it and the fix
+        raise SystemExit(f"rcdm extract: error: {err}") from None
     return 0

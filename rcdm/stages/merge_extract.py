@@ -19,6 +19,7 @@ from typing import Any
 import h5py
 from tqdm import tqdm
 
+from rcdm.errors import InputFileError, reading
 from rcdm.formats import hdf5 as hs
 from rcdm.io import atomic_path
 
@@ -31,12 +32,33 @@ class MergeError(ValueError):
     """Parts that cannot be merged: missing, incomplete, or inconsistent."""
 
 
+class PartError(InputFileError, MergeError):
+    """One part that cannot be merged: names it and how to make it again."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        super().__init__(path, problem, part_fix(path))
+
+
+def part_fix(path: str | Path) -> str:
+    """What to do about a missing or broken part: (delete it and) make that extraction shard again."""
+    parsed = hs.parse_part_path(path)
+    shard = f"shard {parsed[1]} of {parsed[2]}" if parsed else "its shard"
+    opts = f" --shard {parsed[1]} --num-shards {parsed[2]}" if parsed else ""
+    rerun = (
+        f"rerun the extraction of {shard} (Snakemake's extract_images / extract_features job makes it; "
+        f"outside Snakemake, `rcdm extract ...{opts}`)"
+    )
+    return f"delete it and {rerun}" if Path(path).exists() else rerun
+
+
 def find_parts(out: str | Path, num_shards: int) -> list[Path]:
-    """The ``num_shards`` part files of output ``out``; all missing ones are named in one error."""
+    """The ``num_shards`` part files of output ``out``; a missing one is a :class:`PartError` naming the
+    first and counting all."""
     parts = [hs.part_path(out, i, num_shards) for i in range(num_shards)]
-    missing = [str(p) for p in parts if not p.is_file()]
+    missing = [p for p in parts if not p.is_file()]
     if missing:
-        raise MergeError(f"{len(missing)} of {num_shards} parts of {out} are missing: {', '.join(missing)}")
+        others = f" (and {len(missing) - 1} more of the {num_shards} parts)" if len(missing) > 1 else ""
+        raise PartError(missing[0], f"part missing{others}")
     return parts
 
 
@@ -57,10 +79,13 @@ def _validate(parts: Sequence[Path], deep: bool) -> tuple[list[Path], list[dict[
     """Check each part and their consistency; return them sorted by shard with their attributes."""
     infos = []
     for p in parts:
+        if not Path(p).is_file():
+            raise PartError(p, "part missing")
         try:
-            infos.append((hs.check_file(p, deep=deep), Path(p)))
-        except (hs.H5SchemaError, FileNotFoundError) as err:
-            raise MergeError(f"part {p} is not a complete extraction file: {err}") from err
+            with reading(p, fix=part_fix(p)):
+                infos.append((hs.check_file(p, deep=deep), Path(p)))
+        except InputFileError as err:
+            raise PartError(p, f"not a complete extraction file: {err.problem}") from err
     infos.sort(key=lambda ap: ap[0].get("shard", -1))
     attrs = [a for a, _ in infos]
     paths = [p for _, p in infos]
@@ -77,12 +102,12 @@ def _validate(parts: Sequence[Path], deep: bool) -> tuple[list[Path], list[dict[
             key for key in set(ref) | set(a) if key not in hs.SHARD_ATTRS and a.get(key) != ref.get(key)
         )
         if diff:
-            raise MergeError(f"{p} differs from {paths[0]} in {', '.join(diff)}")
+            raise PartError(p, f"made with other settings than {paths[0]} ({', '.join(diff)})")
     bounds = [(a["shard_start"], a["shard_stop"]) for a in attrs]
     expected_start = 0
     for (start, stop), p in zip(bounds, paths):
         if start != expected_start:
-            raise MergeError(f"{p} covers [{start}, {stop}) but the previous part ended at {expected_start}")
+            raise PartError(p, f"covers [{start}, {stop}) but the previous part ended at {expected_start}")
         expected_start = stop
     if expected_start != ref["source_size"]:
         raise MergeError(f"the parts cover [0, {expected_start}) of {ref['source_size']} images")
@@ -91,7 +116,7 @@ def _validate(parts: Sequence[Path], deep: bool) -> tuple[list[Path], list[dict[
     for p in paths[1:]:
         with h5py.File(p, "r") as h5:
             if _layout(h5) != layout:
-                raise MergeError(f"{p} has other datasets/shapes/dtypes than {paths[0]}")
+                raise PartError(p, f"has other datasets/shapes/dtypes than {paths[0]}")
     return paths, attrs
 
 
@@ -111,7 +136,10 @@ def merge_parts(
     if not parts:
         raise MergeError("no parts to merge")
     paths, attrs = _validate([Path(p) for p in parts], deep)
-    images_attrs = hs.check_images_file(images_path, deep=False) if images_path is not None else None
+    images_attrs = None
+    if images_path is not None:
+        with reading(images_path):
+            images_attrs = hs.check_images_file(images_path, deep=False)
     total = sum(a["num_images"] for a in attrs)
     digest = hs.PathsDigest()
     with atomic_path(out, suffix=".h5.tmp") as tmp, h5py.File(tmp, "w") as dst:
@@ -181,13 +209,21 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     expected = args.num_shards if args.num_shards is not None else len(args.parts)
     if args.out.exists():
-        found = hs.check_file(args.out, deep=False)
+        with reading(args.out, fix="delete it and rerun (it is merged again from its parts)"):
+            found = hs.check_file(args.out, deep=False)
         if found.get("merged_parts", 1) == expected:
             log.info("%s is already merged (%d images): nothing to do", args.out, found["num_images"])
             return 0
-        raise FileExistsError(f"{args.out} exists but was not merged from {expected} parts; delete it first")
+        raise InputFileError(args.out, f"exists but was not merged from {expected} parts", "delete it first")
     parts = find_parts(args.out, args.num_shards) if args.num_shards is not None else args.parts
-    merge_parts(parts, args.out, images_path=args.images, deep=not args.quick, progress=not args.no_progress)
+    try:
+        merge_parts(
+            parts, args.out, images_path=args.images, deep=not args.quick, progress=not args.no_progress
+        )
+    except InputFileError:
+        raise
+    except MergeError as err:  # the parts as a whole (shard numbers, coverage): one line
+        raise SystemExit(f"rcdm merge-extract: error: {err}") from None
     if args.delete_parts:
         for p in parts:
             Path(p).unlink()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from rcdm.errors import InputFileError, reading
 from rcdm.formats.metrics_csv import find_metrics_files, read_metrics
 from rcdm.io import atomic_path
 
@@ -122,7 +123,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default="results/tables", help="where the tables are written")
 
 
+#: what to do about a broken metrics.csv
+METRICS_FIX = (
+    "delete it and rerun its evaluation (Snakemake's evaluate job makes it again; outside Snakemake, "
+    "`rcdm evaluate ... --out` that file)"
+)
+
+
+def check_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """The metrics files under ``inputs``, each read once: a missing input or an unreadable file (or one
+    missing columns) is an :class:`rcdm.errors.InputFileError` naming it."""
+    for item in inputs:
+        if not Path(item).exists():
+            raise InputFileError(item, "not found", "check the path (a metrics.csv or a folder holding some)")
+    try:
+        files = find_metrics_files(inputs)
+    except FileNotFoundError as err:  # folders without any metrics.csv
+        raise SystemExit(f"rcdm tabulate: error: {err}; run the evaluations first") from None
+    for path in files:
+        with reading(path, fix=METRICS_FIX):
+            read_metrics([path])
+    return files
+
+
 def run(args: argparse.Namespace) -> int:
+    check_inputs(args.inputs)
     for path in tabulate(args.inputs, args.out_dir).values():
         print(path)
     return 0

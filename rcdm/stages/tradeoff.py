@@ -32,7 +32,8 @@ from rcdm import encoders
 from rcdm.checkpoint import load_model
 from rcdm.conditioning import FeatureConditioning, make_generators, select_conditionings
 from rcdm.device import DEVICE_HELP, resolve_device
-from rcdm.factory import read_model_flags
+from rcdm.errors import MAKE_FIRST, REFETCH, InputFileError, reading
+from rcdm.factory import model_flags_file, read_model_flags
 from rcdm.formats import hdf5
 from rcdm.formats.npz import write_npz
 from rcdm.io import atomic_path, sha256_file
@@ -203,9 +204,11 @@ def _real_images(images_file: Path, ids: np.ndarray) -> np.ndarray:
 
 
 def _load_encoder(args, attrs: dict[str, Any]):
-    return encoders.load_as_extracted(
-        args.encoder, args.encoder_checkpoint, args.layer, features_attrs=attrs, trust=args.trust_checkpoint
-    )
+    with reading(args.encoder_checkpoint, fix=REFETCH):
+        return encoders.load_as_extracted(
+            args.encoder, args.encoder_checkpoint, args.layer, features_attrs=attrs,
+            trust=args.trust_checkpoint,
+        )  # fmt: skip
 
 
 def run_tradeoff(args: argparse.Namespace) -> dict[str, Any]:
@@ -214,13 +217,19 @@ def run_tradeoff(args: argparse.Namespace) -> dict[str, Any]:
     grid = _parse_grid(args.samplers, args.steps)
     features = Path(args.features)
     if not features.is_file():
-        raise FileNotFoundError(f"features file not found: {features}")
+        raise InputFileError(features, "features file not found", MAKE_FIRST)
+    with reading(features):
+        features_attrs = hdf5.check_features_file(features, deep=False)
     if args.images is not None:
-        hdf5.check_features_file(features, args.images, deep=False)  # rows must pair up
-    flags = read_model_flags(args.model_flags)
-    model, diffusion = load_model(args.checkpoint, flags, trust=args.trust_checkpoint, device=device)
+        with reading(features, args.images):
+            hdf5.check_features_file(features, args.images, deep=False)  # rows must pair up
+    with reading(model_flags_file(args.model_flags)):
+        flags = read_model_flags(args.model_flags)
+    with reading(args.checkpoint):
+        model, diffusion = load_model(args.checkpoint, flags, trust=args.trust_checkpoint, device=device)
     if args.images is not None:
-        size = int(hdf5.check_images_file(args.images, deep=False)["image_size"])
+        with reading(args.images):
+            size = int(hdf5.check_images_file(args.images, deep=False)["image_size"])
         if size != int(model.image_size):
             raise ValueError(
                 f"the model samples {model.image_size} px images but {args.images} holds {size} px images: "
@@ -234,7 +243,7 @@ def run_tradeoff(args: argparse.Namespace) -> dict[str, Any]:
     cond.close()
     if not torch.isfinite(feats).all():
         raise ValueError(f"{features} holds NaN/inf features among the selected rows")
-    encoder = _load_encoder(args, hdf5.check_features_file(features, deep=False))
+    encoder = _load_encoder(args, features_attrs)
     max_steps = diffusion.base_diffusion().num_timesteps
     if any(n > max_steps for _, n in grid):
         raise ValueError(f"--steps above the model's {max_steps} diffusion steps")
@@ -248,7 +257,10 @@ def run_tradeoff(args: argparse.Namespace) -> dict[str, Any]:
     for sampler, steps in grid:
         npz = sample_dir / f"{sampler}_{steps}.npz"
         info_path = npz.with_suffix(".json")
-        info = json.loads(info_path.read_text()) if info_path.is_file() and npz.is_file() else None
+        info = None
+        if info_path.is_file() and npz.is_file():
+            with reading(info_path, fix="delete it (that setting is then sampled again)"):
+                info = json.loads(info_path.read_text())
         if info is None or info.get("identity") != identity:
             images, seconds = _sample_setting(model, diffusion, feats, ids, sampler, steps, args, device)
             settings = {"sampler": sampler, "num_steps": steps, "seed": args.seed, **identity}
