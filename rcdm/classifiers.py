@@ -145,9 +145,12 @@ def load_classifier(
     ckpt = safe_torch_load(file, trust=trust)
     if isinstance(ckpt, Mapping) and ckpt.get("format") == PROBE_FORMAT:
         probe = load_probe(file, device=device)
-        specs = {s.name: s for s in probe.specs}
+        specs = {s.name: s for s in probe.specs if s.num_classes > 0}  # the classified factors
         if factor not in specs:
-            raise ValueError(f"{file}: the factor probe has no {factor!r} head (heads: {', '.join(specs)})")
+            raise ValueError(
+                f"{file}: the factor probe has no {factor!r} head (heads: {', '.join(specs)}); choose one "
+                "with --classifier-factor"
+            )
         head = _ProbeHead(probe, factor)
         name = f"factor probe '{factor}' ({file.name})"
         return ImageClassifier(head, name=name, own_resize=True, class_names=specs[factor].names).to(device)
