@@ -87,15 +87,25 @@ def describe(err: BaseException, path: str | os.PathLike) -> str:
     for spelled in _spellings(path):
         if spelled in msg:
             return msg.replace(spelled, "it")
-    return f"cannot be read ({type(err).__name__}: {msg})"
+    reader = _READERS.get(_raised_in(err)) if isinstance(err, (OSError, zipfile.BadZipFile)) else None
+    return f"{reader} ({msg})" if reader else f"cannot be read ({type(err).__name__}: {msg})"
 
 
-def _raised_by_rcdm(err: BaseException) -> bool:
-    """Whether the innermost frame of the error's traceback is rcdm's own code (not a file reader's)."""
+#: how a file reader's failure to open a file is described, by the package it comes from
+_READERS = {"h5py": "not a readable HDF5 file", "zipfile": "not a readable zip archive"}
+
+
+def _raised_in(err: BaseException) -> str:
+    """The top-level package of the innermost frame of the error's traceback ("" when unknown)."""
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).split(".")[0] == "rcdm"
+    return "" if tb is None else str(tb.tb_frame.f_globals.get("__name__", "")).split(".")[0]
+
+
+def _raised_by_rcdm(err: BaseException) -> bool:
+    """Whether the error comes from rcdm's own code (not from a file reader)."""
+    return _raised_in(err) == "rcdm"
 
 
 def _named(err: BaseException, paths: list[str]) -> str | None:

@@ -86,6 +86,10 @@ def _validate(parts: Sequence[Path], deep: bool) -> tuple[list[Path], list[dict[
                 infos.append((hs.check_file(p, deep=deep), Path(p)))
         except InputFileError as err:
             raise PartError(p, f"not a complete extraction file: {err.problem}") from err
+        named = hs.parse_part_path(p)
+        if named is not None and (infos[-1][0].get("shard"), infos[-1][0].get("num_shards")) != named[1:]:
+            found = f"shard {infos[-1][0].get('shard')} of {infos[-1][0].get('num_shards')}"
+            raise PartError(p, f"holds {found}, not shard {named[1]} of {named[2]} as its name says")
     infos.sort(key=lambda ap: ap[0].get("shard", -1))
     attrs = [a for a, _ in infos]
     paths = [p for _, p in infos]
