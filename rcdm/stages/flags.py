@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from rcdm.checkpoint import CheckpointMismatchError, checkpoint_flags
-from rcdm.factory import UnknownFlagError, read_model_flags
-from rcdm.io import UnsafeCheckpointError, atomic_path
+from rcdm.errors import reading
+from rcdm.factory import UnknownFlagError, model_flags_file, read_model_flags
+from rcdm.io import atomic_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,18 +29,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-checkpoint", action="store_true", help="allow files that unpickle code")
 
 
+#: what to do about a checkpoint that cannot be read
+CHECKPOINT_FIX = (
+    "delete it and get it again (`rcdm fetch` downloads a published one; Snakemake trains ours again), "
+    "or fix the path"
+)
+
+
 def run(args: argparse.Namespace) -> int:
+    with reading(model_flags_file(args.model_flags)):
+        overrides = read_model_flags(args.model_flags)
     try:
-        flags = checkpoint_flags(
-            args.checkpoint, read_model_flags(args.model_flags), trust=args.trust_checkpoint
-        )
-    except (
-        FileNotFoundError,
-        ValueError,
-        UnknownFlagError,
-        CheckpointMismatchError,
-        UnsafeCheckpointError,
-    ) as err:
+        with reading(args.checkpoint, fix=CHECKPOINT_FIX):
+            flags = checkpoint_flags(args.checkpoint, overrides, trust=args.trust_checkpoint)
+    except (ValueError, UnknownFlagError, CheckpointMismatchError) as err:  # flags that do not fit the file
         print(f"rcdm flags: {args.checkpoint}: {err}", file=sys.stderr)
         return 1
     with atomic_path(Path(args.out)) as tmp:
