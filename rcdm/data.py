@@ -323,3 +323,10 @@ def open_dataset_input(spec: str, *args: Any, option: str = "--dataset", **kwarg
             f"holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} in it and its sub-folders)",
             f"put the images there, or point {option} at the folder that holds them",
         ) from err
+
+
+def check_dataset_input(spec: str, option: str = "--dataset") -> None:
+    """For a folder spec, the error :func:`open_dataset_input` gives when it is missing or holds no images
+    (a registered name passes): a stage checks its inputs before it starts."""
+    if spec not in _REGISTRY:
+        open_dataset_input(spec, option=option)

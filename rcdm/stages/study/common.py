@@ -23,8 +23,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from rcdm.data import check_dataset_input
 from rcdm.device import DEVICE_HELP, resolve_device
-from rcdm.factory import read_model_flags
+from rcdm.errors import MAKE_FIRST, REFETCH, InputFileError, reading
+from rcdm.factory import model_flags_file, read_model_flags
 from rcdm.formats import hdf5
 from rcdm.io import atomic_path
 from rcdm.representations import encode_images, encode_inputs
@@ -178,8 +180,17 @@ def load_rcdm(checkpoint: str, flags: dict | None, *, trust: bool, device: torch
     """(model, diffusion) in eval mode on ``device``."""
     from rcdm.checkpoint import load_model
 
-    model, diffusion = load_model(checkpoint, flags, trust=trust, device=str(device))
+    if not Path(checkpoint).is_file():
+        raise InputFileError(checkpoint, "checkpoint not found", MAKE_FIRST)
+    with reading(checkpoint):
+        model, diffusion = load_model(checkpoint, flags, trust=trust, device=str(device))
     return model.eval(), diffusion
+
+
+def model_flags(spec: str | None) -> dict | None:
+    """``--model-flags`` (a JSON object or a file), a file that cannot be read named in one line."""
+    with reading(model_flags_file(spec)):
+        return read_model_flags(spec)
 
 
 def features_attrs(path: str | None) -> dict[str, Any]:
@@ -187,22 +198,24 @@ def features_attrs(path: str | None) -> dict[str, Any]:
     if not path:
         return {}
     if not Path(path).is_file():
-        raise FileNotFoundError(f"features file not found: {path}")
-    return hdf5.check_features_file(path, deep=False)
+        raise InputFileError(path, "features file not found", MAKE_FIRST)
+    with reading(path):
+        return hdf5.check_features_file(path, deep=False)
 
 
 def load_encoder(args: argparse.Namespace, layer: str, attrs: Mapping[str, Any], device: torch.device):
     """The conditioning encoder as its features were extracted (:func:`rcdm.encoders.load_as_extracted`)."""
-    from rcdm.encoders import load_as_extracted
+    from rcdm.encoders import EncoderMismatchError, load_as_extracted
 
-    return load_as_extracted(
-        args.encoder,
-        args.encoder_checkpoint,
-        layer,
-        features_attrs=attrs,
-        trust=args.trust_checkpoint,
-        device=device,
-    )
+    with reading(args.encoder_checkpoint, fix=REFETCH, keep=(EncoderMismatchError,)):
+        return load_as_extracted(
+            args.encoder,
+            args.encoder_checkpoint,
+            layer,
+            features_attrs=attrs,
+            trust=args.trust_checkpoint,
+            device=device,
+        )
 
 
 def model_image_size(model) -> int:
@@ -234,8 +247,14 @@ def selection_of(args: argparse.Namespace) -> Selection:
 
 
 def load_sources(args: argparse.Namespace, image_size: int, encoder_size: int) -> Sources:
-    """Conditioning images from ``--images`` (+ ``--features``) or ``--dataset``: rcdm.study_images."""
+    """Conditioning images from ``--images`` (+ ``--features``) or ``--dataset``: rcdm.study_images.
+    The files are checked first: a missing or broken one is an InputFileError naming it."""
     if args.images:
+        if not Path(args.images).is_file():
+            raise InputFileError(args.images, "images file not found", MAKE_FIRST)
+        with reading(args.images):
+            hdf5.check_images_file(args.images, deep=False)
+        features_attrs(args.features)
         return from_images_file(
             args.images,
             args.features,
@@ -246,6 +265,7 @@ def load_sources(args: argparse.Namespace, image_size: int, encoder_size: int) -
             allow_upsampled=getattr(args, "allow_upsampled_crops", False),
         )
     if args.dataset:
+        check_dataset_input(args.dataset)
         return from_dataset(args.dataset, args.split, selection_of(args), image_size, encoder_size)
     raise ValueError("give the conditioning images: --images FILE.h5 or --dataset photos|shapes|FOLDER")
 
@@ -359,7 +379,7 @@ class StudyContext:
         device = resolve_device(args.device)
         settings = sampling_settings(args)
         model, diffusion = load_rcdm(
-            args.checkpoint, read_model_flags(args.model_flags), trust=args.trust_checkpoint, device=device
+            args.checkpoint, model_flags(args.model_flags), trust=args.trust_checkpoint, device=device
         )
         encoder = load_encoder(args, layer or args.layer, features_attrs(args.features), device)
         check_dims(model, int(encoder.dim), f"encoder {args.encoder!r} ({encoder.layer})")
@@ -374,7 +394,8 @@ class StudyContext:
         if getattr(args, "probe", None):
             from rcdm.probe import load_probe
 
-            probe = load_probe(args.probe, device=device)
+            with reading(args.probe, fix="delete it and rerun the probe study (Snakemake makes it again)"):
+                probe = load_probe(args.probe, device=device)
         noise = fixed_noise(args.seed, max(1, args.samples), size)
         return cls(model, diffusion, encoder, sources, settings, noise, device, probe, size)
 

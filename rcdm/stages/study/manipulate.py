@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rcdm.errors import MAKE_FIRST, InputFileError, reading
 from rcdm.figures import as_tiles, labelled_table
 from rcdm.formats import hdf5
 from rcdm.representations import cosine_distance, encode_images
@@ -140,10 +141,10 @@ def encode_folder(ctx: common.StudyContext, folder: str) -> tuple[torch.Tensor, 
     size; labels: the class folder's index, -1 for loose images)."""
     from tqdm import tqdm
 
-    from rcdm.data import open_dataset
+    from rcdm.data import open_dataset_input
     from rcdm.preprocess import center_crop_arr
 
-    source = open_dataset(folder)
+    source = open_dataset_input(folder, option="--neighbour-folder")
     size = int(ctx.encoder.input_size)
     out, batch = [], []
     for i in tqdm(range(len(source)), desc="encoding neighbours", disable=not ctx.settings.progress):
@@ -294,14 +295,16 @@ def neighbour_set(args: argparse.Namespace, ctx: common.StudyContext) -> Neighbo
             "manipulation needs a neighbour set: --neighbour-features, --neighbour-folder or --features"
         )
     if not Path(path).is_file():
-        raise FileNotFoundError(f"neighbour features file not found: {path}")
-    attrs = hdf5.check_features_file(path, deep=False)
+        raise InputFileError(path, "neighbour features file not found", MAKE_FIRST)
+    with reading(path):
+        attrs = hdf5.check_features_file(path, deep=False)
     images = args.neighbour_images or (args.images if path == args.features else attrs.get("images_file"))
     labels = None
     if images and Path(images).is_file():
-        hdf5.check_features_file(path, images, deep=False)  # the rows must pair up
-        with h5py.File(images, "r") as f:
-            labels = _known(np.asarray(f[hdf5.LABELS][:], np.int64))
+        with reading(path, images):
+            hdf5.check_features_file(path, images, deep=False)  # the rows must pair up
+            with h5py.File(images, "r") as f:
+                labels = _known(np.asarray(f[hdf5.LABELS][:], np.int64))
     return NeighbourSet(
         int(attrs["num_images"]),
         lambda i: feature_rows(path, i),
