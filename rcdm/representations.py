@@ -83,3 +83,20 @@ def encode_images(encoder, images: np.ndarray | torch.Tensor, batch_size: int = 
             x = encoder_view(images[i : i + batch_size], size, norm, device=device)
             out.append(encoder(x).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
+
+
+def typical_distance(feats: torch.Tensor) -> float:
+    """Median Euclidean distance between the representations [N, D] of different images (N >= 2)."""
+    if len(feats) < 2:
+        raise ValueError(f"a typical distance needs at least two images, got {len(feats)}")
+    d = torch.cdist(feats.double(), feats.double())
+    return float(d[torch.triu(torch.ones_like(d, dtype=torch.bool), diagonal=1)].median())
+
+
+def normalised_distance(a: torch.Tensor, b: torch.Tensor, typical: float) -> torch.Tensor:
+    """Row-wise ``|a_i - b_i| / typical`` (float32): a distance in units of the typical distance between
+    different images of the same space (:func:`typical_distance`), so spaces of any dimension, scale or
+    sparsity read the same way: 0 = the same representation, 1 = as far apart as two different images."""
+    if not typical > 0:
+        raise ValueError(f"the typical distance must be positive, got {typical}")
+    return ((a.double() - b.double()).norm(dim=-1) / typical).float()

@@ -1,6 +1,8 @@
 # The paper's studies (issue 7): each writes <study>.png (shown in the report), <study>.csv (its numbers) and,
 # last, <study>.json (its settings) per model, on the val images (ood: on each OOD set). trunk-head compares an
-# encoder's two models: its <layer> is `both`, its first model the trunk's.
+# encoder's two models: its <layer> is `both`, its first model the trunk's; it also writes trunk-head.md (the
+# keep-rate table) and trunk-head_images.csv. The `hero` rule copies the first such encoder's figure and
+# keep-rates to figures/hero.png and figures/keep_rates.{csv,md}, the files the README shows.
 PROBE = STUDIES["probe"] and config["data"]["train"]["source"] == "shapes"  # the shapes factor probe
 STUDY_OPTS = opts(**{k: STUDIES[k] for k in ("num_images", "samples", "sampler", "steps")}, seed=config["seed"])
 FIRST_LAYER = {"trunk": "trunk", "head": "head", "both": "trunk"}  # the model `--checkpoint` loads
@@ -15,11 +17,16 @@ STUDY_TARGETS = [
     )
     for dataset in (config["data"]["ood"] if study == "ood" else ["val"])
 ]
+HERO_ENCODERS = [e for e, spec in ENCODERS.items() if set(spec["layers"]) == set(LAYERS)]
+HERO = f"{R}/figures"
+if "trunk-head" in STUDIES["run"] and HERO_ENCODERS:
+    STUDY_TARGETS.append(f"{HERO}/hero.png")
 
 
 rule study_probe:
     input:
         images=IMAGES.format(dataset="train"),
+        val=IMAGES.format(dataset="val"),  # its accuracy is measured on the real validation images
     output:
         probe=f"{R}/studies/probe/probe.pt",
         csv=f"{R}/studies/probe/probe.csv",
@@ -35,7 +42,8 @@ rule study_probe:
         **rule_resources("study_probe"),
         run_opts=run_opts(),
     shell:
-        "rcdm study probe --images {input.images} --out {params.out} {params.opts} {resources.run_opts} > {log} 2>&1"
+        "rcdm study probe --images {input.images} --val-images {input.val} --out {params.out} {params.opts} "
+        "{resources.run_opts} > {log} 2>&1"
 
 
 rule study:
@@ -95,3 +103,29 @@ rule study:
         "rcdm study {wildcards.study} --checkpoint {input.checkpoint} --model-flags {input.flags} {params.head} "
         "{params.encoder} {params.layer} --images {input.images} --features {input.features} "
         "{params.probe} {params.opts} {resources.run_opts} --out {params.out} > {log} 2>&1"
+
+
+localrules:
+    hero,
+
+
+rule hero:
+    """The README's figure and table: the trunk-head study of the first encoder with both layers, copied."""
+    input:
+        [
+            f"{STUDY}/trunk-head.{ext}".format(
+                encoder=(HERO_ENCODERS or ["none"])[0], layer="both", dataset="val", study="trunk-head"
+            )
+            for ext in ("json", "png", "csv")  # the record, written last, vouches for trunk-head.md too
+        ],
+    output:
+        figure=report(f"{HERO}/hero.png", caption="../report/hero.rst", category="Results"),
+        numbers=f"{HERO}/keep_rates.csv",
+        table=f"{HERO}/keep_rates.md",
+    log:
+        f"{LOGS}/hero.log",
+    params:
+        study=lambda wc, input: Path(input[0]).parent,
+    shell:
+        "(cp {params.study}/trunk-head.png {output.figure} && cp {params.study}/trunk-head.csv {output.numbers} "
+        "&& cp {params.study}/trunk-head.md {output.table}) > {log} 2>&1"

@@ -3,7 +3,8 @@
 Numbers per sample: cosine distance of the sample's representation to its conditioning, and the rank of the
 true conditioning among all shown conditionings (1 = the nearest; ``rcdm.metrics.rank_mrr``); per image the
 pixel spread and the representation direction spread of its samples; with ``--probe`` on ``shapes`` whether
-the sample keeps each generative factor of its conditioning image.
+the sample keeps each generative factor of its conditioning image (``<factor>_keep``, :mod:`rcdm.probe`) and,
+beside it, the probe's accuracy on real validation images (``<factor>_probe_acc``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def _rows(ctx: common.StudyContext, feats: torch.Tensor, samples: torch.Tensor, 
         from rcdm.probe import keep_fractions
 
         keep = keep_fractions(ctx.probe, ((samples + 1) / 2).view(n, k, *samples.shape[1:]), src.factors)
+        acc = ctx.probe.accuracy  # on real validation images, written beside every keep
     rows = []
     for i in range(n):
         block = slice(i * k, (i + 1) * k)
@@ -73,7 +75,8 @@ def _rows(ctx: common.StudyContext, feats: torch.Tensor, samples: torch.Tensor, 
             }
             if keep is not None:
                 for name, hit in keep.items():
-                    row[f"keep_{name}"] = int(hit[i, j])
+                    row[f"{name}_keep"] = int(hit[i, j])
+                    row[f"{name}_probe_acc"] = acc[name]
             rows.append(row)
     return rows
 
