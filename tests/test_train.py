@@ -17,6 +17,7 @@ from rcdm.errors import InputFileError
 from rcdm.formats import hdf5
 from rcdm.stages.train import (
     EXIT_PREEMPTED,
+    EXIT_TIME_BUDGET,
     NonFiniteLossError,
     TrainConfig,
     TrainConfigError,
@@ -290,14 +291,58 @@ def test_resume_from_a_plain_state_dict_starts_from_its_weights(tmp_path, pair):
     assert Trainer(make_cfg(tmp_path / "b", img, feat, resume=str(export))).step == 2
 
 
-def test_time_budget_stops_cleanly_and_exports(tmp_path, pair):
+def test_time_budget_is_a_safety_cap_that_fails_loudly(tmp_path, pair, capfd):
+    """Spent before --steps: saved where it stopped, exit 4, one line saying so; a rerun continues."""
+    from rcdm.cli import main as cli_main
+
     img, feat, _, _ = pair
-    cfg = make_cfg(tmp_path, img, feat, steps=0, time_budget=1.5, ema_rates=[0.9999])
+    cfg = make_cfg(tmp_path, img, feat, steps=10**6, save_interval=10**6, time_budget=1.0)
     trainer = Trainer(cfg)
-    assert trainer.train() == 0
+    assert trainer.train() == EXIT_TIME_BUDGET
+    err = capfd.readouterr().err
+    line = f"ran out at step {trainer.step} of the planned 1000000 (--steps)"
+    assert "error: the --time-budget safety cap (1 s, workflow: train.time_budget)" in err and line in err
+    assert [p.name for p in trainer.ckpt_dir.glob("ckpt_*.pt")] == [f"ckpt_{trainer.step:06d}.pt"]
+    assert 0 < trainer.step < 10**6 and not (tmp_path / "run" / "train_summary.json").exists()
+    resumed = Trainer(make_cfg(tmp_path, img, feat, steps=trainer.step + 2, time_budget=1000.0))
+    assert resumed.step == trainer.step and resumed.train() == 0
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
-    assert summary["reason"] == "time_budget" and summary["step"] == trainer.step >= 1
-    assert (tmp_path / "run" / "ema_0.9999_final.pt").is_file()
+    assert summary["reason"] == "done" and summary["step"] == trainer.step + 2
+    # through the CLI: exit 4, the last line of stderr says what happened and what to do
+    args = ["train", "--images", str(img), "--features", str(feat), "--out", str(tmp_path / "cli"),
+            "--model-flags", json.dumps(FLAGS), "--batch-size", "4", "--workers", "0", "--steps", "1000000",
+            "--time-budget", "0.5", "--no-progress"]  # fmt: skip
+    assert cli_main(args) == EXIT_TIME_BUDGET
+    last = capfd.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("rcdm train: error: the --time-budget safety cap (0.5 s") and "rerun" in last
+    # a run always has a fixed number of steps: no budget-only runs
+    with pytest.raises(TrainConfigError, match="give --steps N > 0"):
+        Trainer(make_cfg(tmp_path / "zero", img, feat, steps=0, time_budget=10.0))
+
+
+def test_same_seed_same_weights_whatever_workers_and_threads(tmp_path, pair):
+    """Weights depend on the configuration and seed only: a rerun with other DataLoader workers is
+    bit-identical; other intra-op threads change the rounding only."""
+    img, feat, _, _ = pair
+    kw = dict(steps=6, save_interval=100, lr=1e-3)
+    runs = []
+    saved_threads = torch.get_num_threads()
+    try:
+        for name, workers, n_threads in (("a", 0, 1), ("b", 2, 1), ("c", 0, 2)):
+            torch.set_num_threads(n_threads)
+            trainer = Trainer(make_cfg(tmp_path / name, img, feat, workers=workers, **kw))
+            assert trainer.train() == 0
+            runs.append(_weights(trainer))
+    finally:
+        torch.set_num_threads(saved_threads)
+    first, workers, threads = runs
+    assert all(torch.equal(first[k], workers[k]) for k in first)  # bit-identical
+    init = Trainer(make_cfg(tmp_path / "i", img, feat, **kw)).model.state_dict()
+    flat = lambda sd: torch.cat([sd[k].flatten() for k in sorted(first)])  # noqa: E731
+    trained = (flat(first) - flat(init)).norm()
+    rounding = (flat(threads) - flat(first)).norm()
+    # other threads: rounding only (Adam turns rounding-level gradients into whole steps for a few weights)
+    assert trained > 0.1 and rounding < 0.01 * trained, (float(trained), float(rounding))
 
 
 def test_bad_configuration_fails_before_compute(tmp_path, pair):

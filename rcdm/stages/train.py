@@ -13,7 +13,7 @@ SLURM_*). Files under ``--out`` (only rank 0 writes):
 - ``model_NNNNNN.pt``, ``ema_<rate>_NNNNNN.pt``: plain state dicts (published naming) every
   ``--export-interval`` steps (default 0: none; each is as large as the model, 1.7 GB at 128 px).
 - ``ema_<rate>_final.pt`` (per rate), ``model_final.pt`` and, last, ``train_summary.json``: written when the
-  run reaches ``--steps`` or its ``--time-budget``; the workflow's output.
+  run reaches ``--steps``; the workflow's output.
 - ``progress.csv``: loss, mse, vb, their per-quartile-of-t means, grad norm, lr, data-wait fraction,
   throughput, every ``--log-interval`` steps. ``train_config.json``: the configuration.
 
@@ -23,10 +23,15 @@ later and resumes; no retry is used up) and exits 75. No signal is needed, so no
 Snakemake, bash, torchrun) dies first. SIGTERM (preemption, ``scancel``, requeue) and SIGUSR1 still save and
 exit 75.
 
-Exit codes: 0 finished (steps or time budget), 75 stopped after saving (rerun the same command to continue),
+A run always trains ``--steps`` steps, so its weights depend on its configuration and seed only, never on
+the machine's speed. ``--time-budget`` is a safety cap, not a stopping rule: a run still short of ``--steps``
+when it is spent saves a checkpoint and fails (exit 4) with one line saying so.
+
+Exit codes: 0 finished (``--steps`` done), 75 stopped after saving (rerun the same command to continue),
 1 bad configuration or data (permanent: retrying cannot help), 3 non-finite loss (the last good checkpoint is
-kept). ``--check`` runs every configuration and data check, and finds the checkpoint to resume, without
-building the network.
+kept), 4 the ``--time-budget`` cap ran out before ``--steps`` (saved: rerun to continue, or raise the cap).
+``--check`` runs every configuration and data check, and finds the checkpoint to resume, without building
+the network.
 
 Departures from guided-diffusion's TrainLoop, on purpose: the batch size is global (split over ranks);
 micro-batch losses are averaged (not summed) so the gradient equals the full batch's; timesteps and noise of
@@ -72,6 +77,7 @@ from rcdm.train_data import H5PairDataset, StepBatchSampler, ignore_stop_signals
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; rerun to resume
 EXIT_CONFIG = EXIT_PERMANENT  # 1
 EXIT_NONFINITE = 3
+EXIT_TIME_BUDGET = 4  # the --time-budget safety cap ran out before --steps (saved; rerun to continue)
 CHECKPOINT_FORMAT = "rcdm-train-checkpoint"
 CHECKPOINT_VERSION = 1
 #: flags that change neither the architecture nor the diffusion: may differ between a checkpoint and a resume
@@ -95,7 +101,7 @@ class TrainConfig:
     features: str
     out: str
     model_flags: dict[str, Any] = field(default_factory=dict)
-    steps: int = 0  # 0: until the time budget (or a signal)
+    steps: int = 0  # optimizer steps in total: required (> 0)
     batch_size: int = 32  # global, over all ranks
     microbatch: int = 0  # per rank; 0 = the whole per-rank batch
     lr: float = 1e-4
@@ -114,7 +120,7 @@ class TrainConfig:
     log_interval: int = 100
     workers: int = field(default_factory=default_workers)  # DataLoader processes, <= the CPUs
     seed: int = 0
-    time_budget: float = 0.0
+    time_budget: float = 0.0  # safety cap (seconds in this process): fail, saved, if --steps are not done
     end_time: float = 0.0  # epoch seconds the job must stop by (0: SLURM's end time when under SLURM)
     stop_margin: float = 180.0  # seconds before end_time to stop, save and requeue
     requeue: bool = True  # under SLURM, requeue the own job after a save before the time limit
@@ -461,8 +467,10 @@ class Trainer:
         local = cfg.batch_size // max(world, 1)
         if cfg.microbatch < 0 or cfg.microbatch > local:
             problems.append(f"--microbatch {cfg.microbatch} must be in [0, per-process batch {local}]")
-        if cfg.steps < 0 or (cfg.steps == 0 and cfg.time_budget <= 0):
-            problems.append("give --steps N > 0 or a --time-budget")
+        if cfg.steps < 1:
+            problems.append("give --steps N > 0 (training runs fixed steps; workflow: train.steps)")
+        if cfg.time_budget < 0:
+            problems.append("--time-budget must be >= 0 (0: no cap)")
         for name in ("save_interval", "log_interval", "keep"):
             if getattr(cfg, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1")
@@ -804,15 +812,16 @@ class Trainer:
         print(f"rcdm train: received {signal.Signals(signum).name}; saving after this step", file=sys.stderr)
 
     def _should_stop(self, started: float, steps_done: int) -> int:
-        """0 = go on, then by priority 1 = signal, 3 = the job's end time is near, 2 = time budget; agreed by
-        every rank (one step late when distributed)."""
+        """0 = go on, then by priority 1 = signal, 3 = the job's end time is near, 2 = the time-budget cap is
+        spent (a failure: the run was planned to reach ``steps`` within it); agreed by every rank (one step
+        late when distributed)."""
         flag = 1 if self._stop_signal is not None else 0
         if steps_done and not flag:
             elapsed = time.perf_counter() - started
             per_step = elapsed / steps_done
             if self._end_time and time.time() + self.cfg.stop_margin + 2.0 * per_step > self._end_time:
                 flag = 3
-            elif self.cfg.time_budget > 0 and elapsed + 2.0 * per_step > self.cfg.time_budget:
+            elif self.cfg.time_budget > 0 and elapsed > self.cfg.time_budget:
                 flag = 2
         if not self.ctx.distributed:
             return flag
@@ -860,7 +869,7 @@ class Trainer:
         )  # fmt: skip
 
     def train(self) -> int:
-        """Run until ``steps``, the time budget, or a signal. Returns the process exit code."""
+        """Run to ``steps`` (or a signal, the job's end time, the time-budget cap). Returns the exit code."""
         lock = RunLock(self.ckpt_dir)
         if self.ctx.is_main:
             lock.acquire()
@@ -889,28 +898,29 @@ class Trainer:
         started = time.perf_counter()
         self._end_time = cfg.end_time or slurm_end_time() or 0.0
         self._announce()
-        if cfg.steps and self.step >= cfg.steps:
+        if self.step >= cfg.steps:
             self._finish("done", started)
             return 0
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 handlers[sig] = signal.signal(sig, self._on_signal)
-        bar = tqdm(total=cfg.steps or None, initial=self.step, desc="train", file=sys.stderr, unit="step",
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", file=sys.stderr, unit="step",
                    dynamic_ncols=True, disable=not (self.ctx.is_main and cfg.progress))  # fmt: skip
         self.model.train()
         stop, steps_done, last_bar = 0, 0, self.step
         try:
             self._reset_stats()
             it = iter(self._loader())
-            while not cfg.steps or self.step < cfg.steps:
+            while self.step < cfg.steps:
                 t0 = time.perf_counter()
                 images, feats = next(it)
                 self._wait += time.perf_counter() - t0
                 self.train_step(images, feats)
                 steps_done += 1
-                stop = self._should_stop(started, steps_done)
-                finished = stop or (cfg.steps and self.step >= cfg.steps)
+                finished = self.step >= cfg.steps
+                stop = 0 if finished else self._should_stop(started, steps_done)
+                finished = finished or bool(stop)
                 if self.step % cfg.log_interval == 0 or finished:
                     self._log(bar)
                     bar.update(self.step - last_bar)
@@ -934,7 +944,18 @@ class Trainer:
                 print("rcdm train: job requeued; it resumes from this checkpoint", file=sys.stderr)
         if stop in (1, 3):
             return EXIT_PREEMPTED
-        self._finish("time_budget" if stop == 2 else "done", started)
+        if stop == 2:
+            if self.ctx.is_main:
+                print(
+                    f"rcdm train: error: the --time-budget safety cap ({cfg.time_budget:g} s, workflow: "
+                    f"train.time_budget) ran out at step {self.step} of the planned {cfg.steps} (--steps); "
+                    f"saved in {self.ckpt_dir}: rerun to continue, or raise the cap or lower the steps for "
+                    "this machine",
+                    file=sys.stderr,
+                )
+            barrier(self.ctx)
+            return EXIT_TIME_BUDGET
+        self._finish("done", started)
         barrier(self.ctx)
         return 0
 
@@ -947,7 +968,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--features", required=True, help="features HDF5 file (same images) of the extraction stage")
     a("--out", required=True, help="output folder (exports, progress.csv; checkpoints/ unless --ckpt-dir)")
     a("--model-flags", default="", help="published model/diffusion flags: a JSON string or a YAML/JSON file")
-    a("--steps", type=int, default=d.steps, help="optimizer steps in total (0: until --time-budget)")
+    a("--steps", type=int, default=d.steps, help="optimizer steps in total (required)")
     a("--batch-size", type=int, default=d.batch_size, help="global batch, split over the processes")
     a("--microbatch", type=int, default=d.microbatch, help="per-process micro-batch (0: no accumulation)")
     a("--lr", type=float, default=d.lr)
@@ -977,7 +998,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--log-interval", type=int, default=d.log_interval)
     a("--workers", type=int, default=d.workers, help="DataLoader worker processes")
     a("--seed", type=int, default=d.seed)
-    a("--time-budget", type=float, default=d.time_budget, help="stop cleanly (save, export) after SECONDS")
+    a(
+        "--time-budget",
+        type=float,
+        default=d.time_budget,
+        help="safety cap: after SECONDS short of --steps, save and fail (exit 4); 0: none",
+    )
     a(
         "--end-time",
         type=float,

@@ -36,7 +36,6 @@ TRAIN_PARAMS = dict(
     out=lambda wc: opts(out=MODEL.format(**wc), ckpt_dir=CHECKPOINTS.format(**wc)),
     opts=opts(
         steps=config["train"]["steps"],
-        time_budget=config["train"]["time_budget"] or 0,
         **{k: config["train"][k] for k in ("batch_size", "lr", "weight_decay")},
         ema=config["train"]["ema_rates"],
         precision=config["train"]["precision"],
@@ -45,8 +44,9 @@ TRAIN_PARAMS = dict(
     extra=extra("train"),
 )
 # the weights do not depend on these, nor on the number of processes (the batch is global, its noise drawn
-# per step; micro-batches average to the same gradient)
+# per step; micro-batches average to the same gradient); time_budget is a safety cap that fails the job
 TRAIN_RUN_KEYS = ("microbatch", "save_interval", "export_interval", "log_interval", "workers", "stop_margin")
+TRAIN_RUN_KEYS += ("time_budget",)
 TRAIN_RUN = run_opts(**{k: config["train"][k] for k in TRAIN_RUN_KEYS})
 TRAIN_ARGS = (
     "--images {input.images} --features {input.features} --model-flags {input.flags} {params.out} "
