@@ -162,16 +162,42 @@ def test_vicreg_method_runs(shapes_file):
     assert len(history) == 3 and all(math.isfinite(loss) for _, loss in history)
 
 
-def test_time_budget_stops_early_with_a_finished_schedule(shapes_file, monkeypatch):
+def test_same_seed_same_weights_and_a_schedule_of_steps_only(shapes_file, monkeypatch):
+    """The weights depend on the settings and seed only: a rerun is bit-identical, whatever the clock."""
+    imgs = P.resize_to(P.read_images(shapes_file, 32), 16)
+    s = P.TrainSettings(steps=6, batch_size=8, input_size=16, widths=[8], head_dims=[8], warmup=2)
+    first = P.train(imgs, s, progress=False)
+    clock = iter(range(0, 10**6, 1000))  # a slow machine: 1000 s per clock reading
+    monkeypatch.setattr(P.time, "monotonic", lambda: float(next(clock)))
+    again = P.train(imgs, s, progress=False)
+    for a, b in zip(first[:2], again[:2]):
+        sd_a, sd_b = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    assert first[2] == again[2]  # (lr, loss) of every step
+    lrs = [lr for lr, _ in first[2]]
+    want = [s.lr * min(1, (k + 1) / 2) * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]
+    assert lrs == pytest.approx(want)
+    other = P.train(imgs, P.TrainSettings(**{**vars(s), "seed": 1}), progress=False)
+    assert not torch.equal(other[0].state_dict()["stem.0.weight"], first[0].state_dict()["stem.0.weight"])
+
+
+def test_time_budget_is_a_safety_cap_that_fails(tmp_path, shapes_file, monkeypatch, capsys):
     clock = iter(range(10_000))  # a fake clock: one second per reading
     monkeypatch.setattr(P.time, "monotonic", lambda: float(next(clock)))
     imgs = P.resize_to(P.read_images(shapes_file, 32), 16)
-    s = P.TrainSettings(steps=1000, batch_size=8, input_size=16, widths=[8], head_dims=[8], warmup=2)
-    s.time_budget = 10.0
-    _, _, history = P.train(imgs, s, progress=False)
-    lrs = [lr for lr, _ in history]
-    assert len(history) == 9  # start reads 0; step k reads k + 1 and runs while (k + 1) / 10 < 1: k <= 8
-    assert lrs[-1] == pytest.approx(s.lr * 0.5 * (1 + math.cos(math.pi * 0.9)))
+    s = P.TrainSettings(steps=1000, batch_size=8, input_size=16, widths=[8], head_dims=[8], time_budget=10.0)
+    # start reads 0; before step k the clock reads k + 1: over 10 s before step 10
+    with pytest.raises(P.TimeBudgetError, match=r"cap \(10 s\) ran out at step 10 of the planned 1000"):
+        P.train(imgs, s, progress=False)
+    out = tmp_path / "e.pt"
+    args = ["pretrain", "--images", str(shapes_file), "--out", str(out), "--steps", "1000"]
+    args += ["--batch-size", "8", "--input-size", "16", "--widths", "8", "--head-dims", "8"]
+    args += ["--time-budget", "5", "--device", "cpu"]
+    assert cli_main(args) == P.EXIT_TIME_BUDGET == 4
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("rcdm pretrain: error: the --time-budget safety cap (5 s) ran out at step")
+    assert "raise the cap or lower the steps" in last
+    assert not out.exists() and not out.with_suffix(".csv").exists()
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):

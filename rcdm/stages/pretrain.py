@@ -3,10 +3,15 @@
 SimCLR (NT-Xent) or VICReg on a small ResNet (``rcdm.encoders.SmallResNet``), reading the ``images``
 dataset of an images HDF5 file written by ``rcdm extract``. Augmentations are the standard SSL ones, batched
 on tensors (one ``grid_sample`` for crop, resize and flip of a whole batch): random resized crop, horizontal
-flip, colour jitter, grayscale. Their default strengths are deliberately mild — crops of at least half the
-area, small hue jitter, rare grayscale, no flips unless ``--flip`` — so that the representation stays
-informative about what the views would otherwise be invariant to (on ``shapes``: colour, kind, position,
-size); ``--probe`` measures this with linear probes.
+flip, colour jitter (brightness, contrast, saturation, hue), grayscale. Their defaults randomise the factors
+``shapes`` records that are not the object's kind: a crop of 25-100 % of the area moves and rescales the shape
+(position, size), flips mirror it, a hue turn anywhere on the colour circle (``hue`` 0.5) recolours it. The
+objective then asks the projector head to be invariant to colour, position and size, as in the paper, and
+``--probe`` measures with linear probes what trunk and head keep of each factor.
+
+Training runs exactly ``--steps`` steps (seeded: the same settings give the same weights on any machine, up
+to floating-point noise); ``--time-budget`` is only a safety cap: spent before the last step, the stage fails
+(exit 4) with one line saying so, and writes nothing.
 
 The checkpoint (``rcdm.encoders.load("small", path, layer)`` reads it; loadable with weights_only=True):
 ``{"format": "rcdm-small-encoder", "arch", "trunk", "head", "input_size", "input_norm": "none", "method",
@@ -35,23 +40,26 @@ from rcdm.errors import InputFileError, reading
 from rcdm.io import atomic_path, sha256_file
 
 METHODS = ("simclr", "vicreg")
+EXIT_TIME_BUDGET = 4  # --time-budget ran out before --steps
+
+
+class TimeBudgetError(RuntimeError):
+    """The ``--time-budget`` safety cap ran out before the planned steps were done."""
 
 
 @dataclass
 class Augment:
     """Strengths of the SSL augmentations (torchvision semantics)."""
 
-    crop_scale: tuple[float, float] = (0.5, 1.0)  # area fraction of the random resized crop
+    crop_scale: tuple[float, float] = (0.25, 1.0)  # area fraction of the random resized crop
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    # Off by default: flip invariance erases left/right position (shapes, 150 steps: x R^2 0.55 at p=0.5,
-    # 0.82 at p=0). RCDM training already sees mirrored images with their own features (extraction).
-    flip: float = 0.0
-    jitter_p: float = 0.8
+    flip: float = 0.5  # horizontal flip probability
+    jitter_p: float = 0.8  # probability of the colour jitter (brightness, contrast, saturation, hue)
     brightness: float = 0.4
     contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.02  # fraction of a full turn; small so colour stays a distinguishing feature
-    grayscale: float = 0.05
+    saturation: float = 0.4
+    hue: float = 0.5  # largest hue turn, as a fraction of a full turn (0.5: any hue)
+    grayscale: float = 0.2
 
 
 @dataclass
@@ -69,7 +77,7 @@ class TrainSettings:
     stem_stride: int = 2
     head_dims: list[int] = field(default_factory=lambda: [256, 64])
     seed: int = 0
-    time_budget: float | None = None  # seconds: stop (with a completed cosine schedule) when it is spent
+    time_budget: float | None = None  # safety cap in seconds: TimeBudgetError if spent before ``steps``
     augment: Augment = field(default_factory=Augment)
 
 
@@ -234,8 +242,8 @@ def train(
 ) -> tuple[nn.Module, nn.Module, list[tuple[float, float]]]:
     """Train trunk + projector on [-1, 1] images [N, 3, R, R] (R = ``s.input_size``).
 
-    Runs ``s.steps`` steps, or fewer when ``s.time_budget`` seconds run out first (the learning-rate schedule
-    then follows elapsed time, so it still completes). Returns (lr, loss) of every step.
+    Runs exactly ``s.steps`` steps (warm-up, then cosine decay over them); raises TimeBudgetError when
+    ``s.time_budget`` seconds run out first. Returns (lr, loss) of every step.
     """
     from tqdm import tqdm
 
@@ -258,12 +266,13 @@ def train(
     start = time.monotonic()
     bar = tqdm(range(s.steps), desc=f"pretrain {s.method}", file=sys.stderr, disable=not progress)
     for step in bar:
-        done = step / s.steps
-        if s.time_budget:
-            done = max(done, (time.monotonic() - start) / s.time_budget)
-        if done >= 1:
-            break
-        lrs.append(_lr_at(step, done, s))
+        if s.time_budget and time.monotonic() - start > s.time_budget:
+            bar.close()
+            raise TimeBudgetError(
+                f"the --time-budget safety cap ({s.time_budget:g} s) ran out at step {step} of the planned "
+                f"{s.steps} (--steps); nothing written: raise the cap or lower the steps for this machine"
+            )
+        lrs.append(_lr_at(step, step / s.steps, s))
         for group in opt.param_groups:
             group["lr"] = lrs[-1]
         idx = torch.randint(data.shape[0], (batch,), generator=gen, device=dev)
@@ -399,8 +408,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="checkpoint to write (.pt)")
     parser.add_argument("--log", type=Path, help="CSV loss log (default: OUT with suffix .csv)")
     parser.add_argument("--method", choices=METHODS, default=d.method)
-    parser.add_argument("--steps", type=int, default=d.steps, help="number of steps (at most)")
-    parser.add_argument("--time-budget", type=float, help="stop after this many seconds of training")
+    parser.add_argument("--steps", type=int, default=d.steps, help="number of steps")
+    parser.add_argument(
+        "--time-budget", type=float, help="safety cap: fail (exit 4) if SECONDS pass before --steps are done"
+    )
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--input-size", type=int, default=d.input_size, help="encoder input resolution")
@@ -409,10 +420,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stem-stride", type=int, default=d.stem_stride, help="stride of the first conv")
     parser.add_argument("--head-dims", type=int, nargs="+", default=d.head_dims, help="projector widths")
     parser.add_argument("--temperature", type=float, default=d.temperature, help="NT-Xent temperature")
-    parser.add_argument("--crop-scale", type=float, nargs=2, default=d.augment.crop_scale)
-    parser.add_argument("--flip", type=float, default=d.augment.flip, help="horizontal flip probability")
-    parser.add_argument("--hue", type=float, default=d.augment.hue)
-    parser.add_argument("--grayscale", type=float, default=d.augment.grayscale)
+    a = d.augment
+    parser.add_argument(
+        "--crop-scale", type=float, nargs=2, default=a.crop_scale, help="random resized crop: area range"
+    )
+    parser.add_argument("--flip", type=float, default=a.flip, help="horizontal flip probability")
+    parser.add_argument("--jitter-p", type=float, default=a.jitter_p, help="colour jitter probability")
+    parser.add_argument("--brightness", type=float, default=a.brightness, help="brightness jitter strength")
+    parser.add_argument("--contrast", type=float, default=a.contrast, help="contrast jitter strength")
+    parser.add_argument("--saturation", type=float, default=a.saturation, help="saturation jitter strength")
+    parser.add_argument("--hue", type=float, default=a.hue, help="largest hue turn (fraction of a turn)")
+    parser.add_argument("--grayscale", type=float, default=a.grayscale, help="grayscale probability")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--limit", type=int, help="use only the first LIMIT images")
     parser.add_argument(
@@ -427,7 +445,10 @@ def run(args: argparse.Namespace) -> int:
     if args.out.is_file() and not args.force:
         print(f"{args.out} exists; skipping (use --force to retrain)", file=sys.stderr)
         return 0
-    aug = Augment(crop_scale=tuple(args.crop_scale), flip=args.flip, hue=args.hue, grayscale=args.grayscale)
+    aug = Augment(
+        crop_scale=tuple(args.crop_scale), flip=args.flip, jitter_p=args.jitter_p, brightness=args.brightness,
+        contrast=args.contrast, saturation=args.saturation, hue=args.hue, grayscale=args.grayscale,
+    )  # fmt: skip
     s = TrainSettings(
         method=args.method,
         steps=args.steps,
@@ -450,7 +471,11 @@ def run(args: argparse.Namespace) -> int:
     if args.probe:  # its files are checked now, not after training
         _check_probe_inputs(args.images, args.probe)
     start = time.time()
-    trunk, head, history = train(images, s, device)
+    try:
+        trunk, head, history = train(images, s, device)
+    except TimeBudgetError as err:
+        print(f"rcdm pretrain: error: {err}", file=sys.stderr)
+        return EXIT_TIME_BUDGET
     losses = [loss for _, loss in history]
     extra: dict = {
         "steps_done": len(history),
