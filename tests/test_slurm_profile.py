@@ -8,6 +8,7 @@ or not running, the test skips and says why. Snakemake runs from the repository 
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import subprocess
 import sys
@@ -111,3 +112,63 @@ def test_micro_workflow_through_slurm(cluster, tmp_path):
     assert int(row["n_samples"]) == n * cfg["sample"]["samples_per_image"]
     assert 1 / n <= float(row["mrr"]) <= 1
     assert (res / "samples" / "demo" / "trunk" / "val" / "grid.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------- job arrays (not in the profile)
+ARRAY_SNAKEFILE = """
+rule all:
+    input: expand("out/{{i}}.txt", i=range({n}))
+
+rule shard:
+    output: "out/{{i}}.txt"
+    resources: mem_mb=200, runtime=5
+    shell: {shell!r}
+"""
+
+
+def _array_run(tmp_path: Path, n: int, shell: str, *flags: str, limit: int) -> subprocess.CompletedProcess:
+    """`snakemake --executor slurm --slurm-array-jobs shard` on a workflow of `n` shard jobs, stopped with
+    SIGINT (Snakemake cancels its SLURM jobs and exits; `timeout` then returns 124) after `limit` seconds."""
+    (tmp_path / "Snakefile").write_text(ARRAY_SNAKEFILE.format(n=n, shell=shell))
+    cmd = ["timeout", "-s", "INT", "-k", "10", str(limit), sys.executable, "-m", "snakemake"]
+    cmd += ["--executor", "slurm"]
+    cmd += ["--slurm-array-jobs", "shard", *LOCAL_CLUSTER_FLAGS[:4], "--latency-wait", "2", *flags]
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=limit + 60)
+
+
+def test_plugin_array_tasks_check_the_first_tasks_outputs(cluster, tmp_path):
+    """Why slurm/config.yaml submits no job arrays (1 of 2): in an array job of the installed plugin, every
+    task but the first runs its own job, then checks the FIRST job's outputs and fails while the first task
+    still runs (or after a downstream job has removed them), upstream snakemake-executor-plugin-slurm#447.
+    Task 1 here waits until task 2 has started and then for 20 s more."""
+    shell = (
+        "t=${{SLURM_ARRAY_TASK_ID:-0}}; touch started.$t; "
+        "if [ $t = 1 ]; then for s in $(seq 60); do [ -e started.2 ] && break; sleep 1; done; sleep 20; fi; "
+        "touch {output}"
+    )
+    proc = _array_run(tmp_path, 2, shell, "--jobs", "2", limit=300)
+    out = proc.stdout + proc.stderr
+    arrays = re.findall(r"Submitted array job with Snakemake IDs (\d+),(\d+) and SLURM job ID (\d+)\.", out)
+    assert len(arrays) == 1, f"the two shards were not one array job\n{out[-3000:]}"
+    first_job, _, array_id = arrays[0]
+    outputs = dict(re.findall(r"^    output: (\S+)\n    jobid: (\d+)$", out, flags=re.M))
+    first_output = {jobid: path for path, jobid in outputs.items()}[first_job]
+    task2 = (tmp_path / ".snakemake" / "slurm_logs" / "rule_shard" / f"{array_id}_2.log").read_text()
+    fixed = "MissingOutputException" not in task2
+    assert not fixed, (
+        "task 2 of the array no longer fails on task 1's outputs: the plugin may be fixed (or the tasks did "
+        f"not overlap); try slurm-array-jobs in slurm/config.yaml again\n{task2[-3000:]}"
+    )
+    assert re.search(rf"^{re.escape(first_output)} \(missing locally", task2, flags=re.M), task2[-3000:]
+    assert proc.returncode != 0
+
+
+def test_plugin_drops_array_jobs_it_is_not_handed_all_of(cluster, tmp_path):
+    """Why slurm/config.yaml submits no job arrays (2 of 2): when Snakemake hands the plugin fewer of a rule's
+    ready jobs than remain ready (here --jobs 2 with 5 ready), it submits none of them and never will; the
+    run waits forever with nothing queued (upstream snakemake-executor-plugin-slurm#473)."""
+    proc = _array_run(tmp_path, 5, "touch {output}", "--jobs", "2", "--verbose", limit=30)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 124, out[-3000:]  # still waiting when `timeout` stopped it
+    assert "Array job collection incomplete for rule shard: 2/3 arrived" in out, out[-3000:]
+    assert "Submitted array job" not in out and "has been submitted with SLURM jobid" not in out
