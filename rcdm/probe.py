@@ -12,7 +12,8 @@ Colour, size and position are measured from pixels, the same way on real images 
 4. its coverage: in the region grown by one pixel, each pixel's projection on the line from the background
    to the shape's colour, clipped to [0, 1] (antialiased edges count by the fraction they cover).
 
-- ``colour``: the palette colour nearest to the shape's colour;
+- ``colour``: the palette colour ``p`` whose segment ``bg + t (p - bg)``, ``t`` in [0.5, 1], passes nearest
+  to the shape's colour (a blurred small shape mixes its colour with the background's);
 - ``size``: the equivalent diameter ``2 sqrt(area / pi)`` as a fraction of the image side (a shape's true
   value: its circumscribed diameter, the recorded ``size``, times ``sqrt(polygon area / circle area)``);
 - ``position``: the coverage-weighted centre (``x``, ``y`` as fractions of the side).
@@ -51,6 +52,7 @@ FACTORS = ("kind", "colour", "size", "position")
 CROP = 2.0  # silhouette crop side, in equivalent diameters (a star's circumscribed circle: 1.55)
 SIZE_TOL = 0.15  # relative
 POSITION_TOL = 0.1  # fraction of the image side
+MIN_COVER = 0.5  # colour: the shape's colour is at least half the palette colour, half the background
 BLUR, GAIN, NOISE = (0.35, 0.7), 0.2, 0.03  # silhouette augmentations (augment_silhouettes)
 
 
@@ -94,7 +96,7 @@ def make_specs(
 ) -> list[FactorSpec]:
     return [
         FactorSpec("kind", "same kind (silhouette classifier)", list(kinds)),
-        FactorSpec("colour", "same palette colour (nearest to the shape's mean colour)", list(colours)),
+        FactorSpec("colour", "same palette colour (nearest to the shape's colour)", list(colours)),
         FactorSpec("size", f"equivalent diameter within {size_tol:.0%} (relative)", None, size_tol),
         FactorSpec("position", f"centre within {position_tol:g} of the side", None, position_tol),
     ]
@@ -156,8 +158,8 @@ class FactorProbe(nn.Module):
 
     def locate(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Steps 1-4 of the module docstring on images [N, 3, H, W] in [0, 1] (differentiable in ``x``, the
-        discrete choices held fixed): ``found`` [N] bool, ``colour_rgb`` [N, 3], ``alpha`` [N, H, W]
-        (coverage), ``x``, ``y``, ``size`` [N] (fractions of the side; 0 where nothing is found)."""
+        discrete choices held fixed): ``found`` [N] bool, ``background``, ``colour_rgb`` [N, 3], ``alpha``
+        [N, H, W] (coverage), ``x``, ``y``, ``size`` [N] (fractions of the side; 0 where nothing is found)."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"the factor probe takes images [N, 3, H, W], got {tuple(x.shape)}")
         n, _, h, w = x.shape
@@ -186,6 +188,7 @@ class FactorProbe(nn.Module):
         zero = torch.zeros_like(size)
         return {
             "found": found,
+            "background": bg,
             "colour_rgb": fg,
             "alpha": alpha,
             "x": torch.where(found, cx, zero),
@@ -213,7 +216,12 @@ class FactorProbe(nn.Module):
 
     def _logits(self, loc: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         kind = self.kind_net(self.silhouettes(loc) * 2 - 1)
-        d2 = ((loc["colour_rgb"][:, None, :] - self.palette[None]) ** 2).sum(-1)
+        # distance to the segment from "half covering the background" to "the palette colour": a blurred small
+        # shape (its colour partly mixed with the background) keeps its hue
+        bg, fg = loc["background"][:, None, :], loc["colour_rgb"][:, None, :]
+        v = self.palette[None] - bg
+        t = (((fg - bg) * v).sum(-1) / (v * v).sum(-1).clamp_min(1e-6)).clamp(MIN_COVER, 1.0)
+        d2 = ((fg - bg - t[..., None] * v) ** 2).sum(-1)
         return {"kind": kind, "colour": -d2 * 255.0}
 
     @torch.inference_mode()

@@ -307,6 +307,11 @@ def test_probe_pixel_measurements_are_exact_on_rendered_shapes(size):
     assert float(rel.median()) < 0.02 and float(rel.max()) < 0.06
     assert float(dist.max()) < 0.02 * 16 / size + 0.01  # about a third of a pixel
     assert bool((got["colour"][single] == truth["colour"][single]).all())
+    # a blurred shape (a sample's soft edges) keeps its colour, centre and size
+    import torchvision.transforms.v2.functional as TF
+
+    blurred = net.matches(net.measure(TF.gaussian_blur(to_unit(images), [5, 5], [0.6, 0.6])), truth)
+    assert all(float(blurred[name].float().mean()) >= 0.97 for name in ("colour", "size", "position"))
     # nothing to find: nothing is kept
     blank = net.measure(torch.full((2, 3, size, size), 0.5))
     assert not blank["found"].any() and (blank["kind"] == -1).all()
