@@ -52,6 +52,7 @@ FACTORS = ("kind", "colour", "size", "position")
 CROP = 2.0  # silhouette crop side, in equivalent diameters (a star's circumscribed circle: 1.55)
 SIZE_TOL = 0.15  # relative
 POSITION_TOL = 0.1  # fraction of the image side
+ROBUSTNESS_BLUR = 0.5  # px: accuracy_report's blurred copy of the validation images
 MIN_COVER = 0.5  # colour: the shape's colour is at least half the palette colour, half the background
 BLUR, GAIN, NOISE = (0.35, 0.7), 0.2, 0.03  # silhouette augmentations (augment_silhouettes)
 
@@ -350,15 +351,20 @@ def accuracy_report(
     source: str = "",
 ) -> list[dict]:
     """Per factor: its rule, chance (:func:`chance_rates` on ``images``) and the fraction of the real
-    ``images`` (uint8 [N, S, S, 3]) whose measurement keeps their recorded factors (``val_accuracy``), and
-    the same on the training images when given."""
+    ``images`` (uint8 [N, S, S, 3]) whose measurement keeps their recorded factors (``val_accuracy``); the
+    same on those images blurred by a Gaussian of :data:`ROBUSTNESS_BLUR` px (``val_accuracy_blurred``: how
+    the probe reads soft-edged samples) and on the training images when given."""
+    import torchvision.transforms.v2.functional as TF
 
-    def acc(ims, fac) -> dict[str, float]:
-        hit = probe.matches(probe.measure(to_unit(ims)), probe.truth(fac))
+    def acc(x: torch.Tensor, fac) -> dict[str, float]:
+        hit = probe.matches(probe.measure(x), probe.truth(fac))
         return {k: float(v.float().mean()) for k, v in hit.items()}
 
-    val = acc(images, factors)
-    tr = acc(train_images, train_factors) if train_images is not None else {}
+    x = to_unit(images)
+    val = acc(x, factors)
+    r = math.ceil(3 * ROBUSTNESS_BLUR)
+    blurred = acc(TF.gaussian_blur(x, [2 * r + 1] * 2, [ROBUSTNESS_BLUR] * 2), factors)
+    tr = acc(to_unit(train_images), train_factors) if train_images is not None else {}
     chance = chance_rates(probe, factors)
     return [
         {
@@ -368,6 +374,7 @@ def accuracy_report(
             "chance": chance[s.name],
             "train_accuracy": tr.get(s.name, float("nan")),
             "val_accuracy": val[s.name],
+            "val_accuracy_blurred": blurred[s.name],
             "n_train": 0 if train_images is None else len(train_images),
             "n_val": len(images),
             "image_size": int(images.shape[1]),

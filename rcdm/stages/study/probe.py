@@ -1,9 +1,10 @@
 """``rcdm study probe``: builds the factor probe (:mod:`rcdm.probe`) once: colour, size and position measured
 from pixels, and a ``kind`` classifier trained on the silhouettes of the ``shapes`` training split. It then
-measures the REAL validation images (``--val-images``, or the generated ``val`` split with ``--dataset``)
-and writes ``probe.pt`` (:func:`rcdm.probe.save_probe`, the report inside), ``probe.csv`` (per factor: the
-rule that decides "keeps", chance, accuracy on the training and validation images) and ``probe.png``. The
-other studies score kept factors with it (``--probe``) and write its validation accuracy beside each rate.
+measures the REAL validation images (``--val-images``, or the generated ``val`` split with ``--dataset``),
+as they are and blurred by 0.5 px (how it reads soft-edged samples), and writes ``probe.pt``
+(:func:`rcdm.probe.save_probe`, the report inside), ``probe.csv`` (per factor: the rule that decides
+"keeps", chance, accuracy on the training and validation images) and ``probe.png``. The other studies score
+kept factors with it (``--probe``) and write its validation accuracy beside each rate.
 """
 
 from __future__ import annotations
@@ -155,9 +156,10 @@ def _accuracy_chart(report: list[dict]):
 
     names = [r["factor"] for r in report]
     pos = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2.5, 3.4), dpi=100)
-    ax.bar(pos - 0.2, [r["train_accuracy"] for r in report], 0.4, label="training images")
-    bars = ax.bar(pos + 0.2, [r["val_accuracy"] for r in report], 0.4, label="validation images")
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 4.0, 3.4), dpi=100)
+    ax.bar(pos - 0.27, [r["train_accuracy"] for r in report], 0.27, label="training images")
+    bars = ax.bar(pos, [r["val_accuracy"] for r in report], 0.27, label="validation images")
+    ax.bar(pos + 0.27, [r["val_accuracy_blurred"] for r in report], 0.27, label="validation, blurred 0.5 px")
     for b, r in zip(bars, report):
         ax.text(
             b.get_x() + b.get_width() / 2,
@@ -174,7 +176,7 @@ def _accuracy_chart(report: list[dict]):
     ax.set_ylabel("measured = recorded factor")
     n_val = report[0]["n_val"] if report else 0
     ax.set_title(f"Factor probe on real images ({n_val} validation images; dashed: 95 %)", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
