@@ -42,6 +42,22 @@ def test_crop_takes_a_region_of_the_requested_area():
     assert out.min() >= -1 and out.max() <= 1 and out[:, 0, 0, 0].std() > 0.1  # positions vary
 
 
+def test_rotation_turns_about_the_centre():
+    # value = distance from the centre: unchanged by any turn about it (inside the inscribed disc)
+    c = (torch.arange(33) + 0.5) / 33 * 2 - 1
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    radius = torch.sqrt(xx**2 + yy**2).expand(16, 3, 33, 33).contiguous()
+    aug = P.Augment(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=0.0, rotation=180.0)
+    out = P.random_resized_crop_flip(radius, 33, aug, _gen(4))
+    inside = radius[0, 0] < 0.9
+    torch.testing.assert_close(out[:, :, inside], radius[:, :, inside], atol=0.02, rtol=0)
+    # value = x: turned by a different angle per image, so the x ramp becomes some mix of x and y
+    ramp = xx.expand(16, 3, 33, 33).contiguous()
+    turned = P.random_resized_crop_flip(ramp, 33, aug, _gen(4))
+    slope_y = (turned[:, 0, -2, 16] - turned[:, 0, 1, 16]) / (c[-2] - c[1])  # d value / d y at x = 0
+    assert slope_y.abs().max() > 0.5 and slope_y.std() > 0.3  # turns vary per image
+
+
 def test_colour_jitter_closed_forms():
     x = torch.rand(5, 3, 6, 6) * 2 - 1
     none = P.Augment(brightness=0, contrast=0, saturation=0, hue=0, grayscale=0)

@@ -54,6 +54,7 @@ class Augment:
     crop_scale: tuple[float, float] = (0.25, 1.0)  # area fraction of the random resized crop
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: float = 0.5  # horizontal flip probability
+    rotation: float = 0.0  # largest rotation, degrees (uniform in [-rotation, rotation]); 0: none
     jitter_p: float = 0.8  # probability of the colour jitter (brightness, contrast, saturation, hue)
     brightness: float = 0.4
     contrast: float = 0.4
@@ -89,7 +90,8 @@ def _uniform(n: int, low: float, high: float, gen: torch.Generator, device) -> t
 
 
 def random_resized_crop_flip(x: torch.Tensor, size: int, aug: Augment, gen: torch.Generator) -> torch.Tensor:
-    """Per-sample random resized crop (area ``crop_scale``, aspect ``crop_ratio``) and flip, at ``size``."""
+    """Per-sample random resized crop (area ``crop_scale``, aspect ``crop_ratio``), flip and rotation (about
+    the crop's centre, ``rotation`` degrees at most), at ``size``."""
     n, dev = x.shape[0], x.device
     area = _uniform(n, *aug.crop_scale, gen, dev)
     log_r = _uniform(n, math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1]), gen, dev)
@@ -101,6 +103,11 @@ def random_resized_crop_flip(x: torch.Tensor, size: int, aug: Augment, gen: torc
     theta = torch.zeros(n, 2, 3, device=dev)
     theta[:, 0, 0], theta[:, 0, 2] = w * flip, cx
     theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    if aug.rotation > 0:  # output coordinates turned first: [[w f, 0], [0, h]] @ R(angle)
+        angle = _uniform(n, -aug.rotation, aug.rotation, gen, dev) * (math.pi / 180)
+        c, s = torch.cos(angle), torch.sin(angle)
+        theta[:, 0, 0], theta[:, 0, 1] = w * flip * c, -w * flip * s
+        theta[:, 1, 0], theta[:, 1, 1] = h * s, h * c
     grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
@@ -425,6 +432,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--crop-scale", type=float, nargs=2, default=a.crop_scale, help="random resized crop: area range"
     )
     parser.add_argument("--flip", type=float, default=a.flip, help="horizontal flip probability")
+    parser.add_argument("--rotation", type=float, default=a.rotation, help="largest rotation (degrees)")
     parser.add_argument("--jitter-p", type=float, default=a.jitter_p, help="colour jitter probability")
     parser.add_argument("--brightness", type=float, default=a.brightness, help="brightness jitter strength")
     parser.add_argument("--contrast", type=float, default=a.contrast, help="contrast jitter strength")
@@ -446,8 +454,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.out} exists; skipping (use --force to retrain)", file=sys.stderr)
         return 0
     aug = Augment(
-        crop_scale=tuple(args.crop_scale), flip=args.flip, jitter_p=args.jitter_p, brightness=args.brightness,
-        contrast=args.contrast, saturation=args.saturation, hue=args.hue, grayscale=args.grayscale,
+        crop_scale=tuple(args.crop_scale), flip=args.flip, rotation=args.rotation, jitter_p=args.jitter_p,
+        brightness=args.brightness, contrast=args.contrast, saturation=args.saturation, hue=args.hue,
+        grayscale=args.grayscale,
     )  # fmt: skip
     s = TrainSettings(
         method=args.method,
