@@ -163,11 +163,12 @@ def _accuracy_chart(report: list[dict]):
     for b, r in zip(bars, report):
         ax.text(
             b.get_x() + b.get_width() / 2,
-            0.02,
+            0.45,
             f"{r['val_accuracy']:.1%}",
             ha="center",
             fontsize=8,
             rotation=90,
+            color="white",
         )
     ax.scatter(pos, [r["chance"] for r in report], color="black", marker="_", s=400, label="chance", zorder=3)
     ax.axhline(0.95, color="grey", lw=0.8, ls="--")
