@@ -183,8 +183,8 @@ def rcdm_files(encoder: str, layer: str) -> dict:
 def study_classifier(study: str) -> str | list:
     """The image classifier file a study job reads ([] for none): the adversarial study's supervised comparison
     (studies.adversarial_classifier). `supervised`: torchvision's ResNet-50 with its fc, the registry's file in
-    weights_dir (the fetch rule gets it like the encoders' files); `probe`: the shapes factor probe the
-    study_probe rule trains; otherwise a file name in weights_dir."""
+    weights_dir (fetched like the encoders' files); `probe`: the shapes factor probe that the
+    study_probe job trains; otherwise a file name in weights_dir."""
     choice = STUDIES["adversarial_classifier"]
     if study != "adversarial" or not choice:
         return []
