@@ -580,7 +580,8 @@ def test_trunk_head_and_ood(assets, tmp_path):
         "--features", str(assets["trunk"]), "--head-features", str(assets["head"]), "--num-images", "2",
         "--samples", "2", "--steps", "3", "--no-progress", "--out", str(out),
     ]  # fmt: skip
-    assert main(["study", "trunk-head", *args, "--keep-images", "3", "--probe", str(assets["probe"])]) == 0
+    probe_args = ["--keep-images", "3", "--probe", str(assets["probe"]), "--encoder-name", "demo"]
+    assert main(["study", "trunk-head", *args, *probe_args]) == 0
     _check_png(out / "trunk-head.png")
     rows = _read_csv(out / "trunk-head_images.csv")  # 3 keep-rate images, each with both layers
     assert [r["layer"] for r in rows] == ["trunk", "head"] * 3
@@ -590,7 +591,7 @@ def test_trunk_head_and_ood(assets, tmp_path):
     assert rows[0]["rep_spread_trunk_space"] == rows[0]["rep_spread_own_space"]
     summary = _read_csv(out / "trunk-head.csv")  # one row per layer: keep-rates over 3 x 2 samples
     report = {r["factor"]: r for r in _read_csv(assets["root"] / "probe" / "probe.csv")}
-    assert [r["layer"] for r in summary] == ["trunk", "head"]
+    assert [(r["encoder"], r["layer"]) for r in summary] == [("demo", "trunk"), ("demo", "head")]
     for r in summary:
         assert (r["images"], r["samples"]) == ("3", "6")
         for f in ("kind", "colour", "size", "position"):

@@ -85,7 +85,7 @@ rule study:
         layer="trunk|head|both",
     params:
         out=lambda wc: STUDY.format(**wc),
-        encoder=lambda wc: encoder_args(wc.encoder),
+        encoder=lambda wc: f"{encoder_args(wc.encoder)} --encoder-name {wc.encoder}",
         layer=lambda wc: opts(layer=None if wc.layer == "both" else wc.layer),
         head=lambda wc, input: opts(
             head_checkpoint=input.head_checkpoint or None,

@@ -57,6 +57,11 @@ def add_encoder_arguments(parser: argparse.ArgumentParser, *, layer: bool = True
         default=None,
         help="the encoder's weight file (checked against the sha256 the features file records)",
     )
+    g.add_argument(
+        "--encoder-name",
+        default=None,
+        help="the encoder's name in the CSVs and figures (default: --encoder; the workflow: its config name)",
+    )
     if layer:
         g.add_argument(
             "--layer", choices=("trunk", "head"), default="trunk", help="representation to condition on"
@@ -382,6 +387,8 @@ class StudyContext:
             args.checkpoint, model_flags(args.model_flags), trust=args.trust_checkpoint, device=device
         )
         encoder = load_encoder(args, layer or args.layer, features_attrs(args.features), device)
+        if getattr(args, "encoder_name", None):
+            encoder.encoder_name = args.encoder_name  # a label only: the CSVs and figures
         check_dims(model, int(encoder.dim), f"encoder {args.encoder!r} ({encoder.layer})")
         size = model_image_size(model)
         sources = load_sources(args, size, int(encoder.input_size))

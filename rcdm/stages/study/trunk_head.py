@@ -146,7 +146,7 @@ def _image_rows(args, ctx: common.StudyContext, head_enc, samples: dict, keep: d
         b = slice(i * k, (i + 1) * k)
         diff = float((pix["trunk"][b] - pix["head"][b]).abs().mean())
         for layer in LAYERS:
-            row = {"image": src.names[i], "encoder": args.encoder, "layer": layer, "samples": k}
+            row = {"image": src.names[i], "encoder": ctx.encoder.encoder_name, "layer": layer, "samples": k}
             if keep is not None:
                 for name, hit in keep[layer].items():
                     row[f"{name}_keep" if name != "found" else "shape_found"] = float(hit[i].float().mean())
@@ -167,7 +167,7 @@ def _summary_rows(args, ctx: common.StudyContext, per_image: list[dict], keep: d
     rows = []
     for layer in LAYERS:
         mine = [r for r in per_image if r["layer"] == layer]
-        row = {"encoder": args.encoder, "layer": layer, "images": n, "samples": n * k}
+        row = {"encoder": ctx.encoder.encoder_name, "layer": layer, "images": n, "samples": n * k}
         if keep is not None:
             for name in ctx.probe.factors:
                 row[f"{name}_keep"] = float(keep[layer][name].float().mean())
@@ -194,8 +194,8 @@ def _describe(args, ctx: common.StudyContext, n: int, k: int) -> str:
     s = ctx.settings
     steps = "" if s.steps is None else f" {s.steps} steps"
     return (
-        f"encoder {args.encoder}; {n} validation images x {k} samples per layer ({s.sampler}{steps}), "
-        "the same initial noise for both layers"
+        f"encoder {ctx.encoder.encoder_name}; {n} validation images x {k} samples per layer "
+        f"({s.sampler}{steps}), the same initial noise for both layers"
     )
 
 
@@ -244,7 +244,7 @@ def _figure(args, ctx: common.StudyContext, samples: dict, summary: list[dict]):
     note = f"; {common.UPSAMPLED_NOTE}" if src.any_upsampled else ""
     steps = "" if ctx.settings.steps is None else f" {ctx.settings.steps} steps"
     title = (
-        f"What the {args.encoder} trunk and head keep: samples conditioned on each "
+        f"What the {ctx.encoder.encoder_name} trunk and head keep: samples conditioned on each "
         f"({ctx.settings.sampler}{steps}{note})"
     )
     return comparison_figure(
