@@ -333,7 +333,7 @@ def _figure(ctx: common.StudyContext, conditions, views, samples, rows: list[dic
             labels.append(label)
     cols = ["input", *[f"sample {j + 1}" for j in range(k)]]
     title = (
-        f"Augmentations ({ctx.describe()}), same noise per column; rel. dist: distance to the clean "
-        "representation / typical distance between images"
+        f"Augmentations ({ctx.describe()}), same noise per column\nrel. dist: distance to the clean "
+        "representation / typical distance\nbetween two images (0 = invariant)"
     )
     return labelled_table(fig_rows, labels, cols, title)
