@@ -2,12 +2,13 @@
 
 SimCLR (NT-Xent) or VICReg on a small ResNet (``rcdm.encoders.SmallResNet``), reading the ``images``
 dataset of an images HDF5 file written by ``rcdm extract``. Augmentations are the standard SSL ones, batched
-on tensors (one ``grid_sample`` for crop, resize and flip of a whole batch): random resized crop, horizontal
-flip, colour jitter (brightness, contrast, saturation, hue), grayscale. Their defaults randomise the factors
-``shapes`` records that are not the object's kind: a crop of 25-100 % of the area moves and rescales the shape
-(position, size), flips mirror it, a hue turn anywhere on the colour circle (``hue`` 0.5) recolours it. The
-objective then asks the projector head to be invariant to colour, position and size, as in the paper, and
-``--probe`` measures with linear probes what trunk and head keep of each factor.
+on tensors (one ``grid_sample`` for crop, resize, flip and rotation of a whole batch): random resized crop,
+horizontal flip, optional rotation, colour jitter (brightness, contrast, saturation, hue), grayscale. The
+defaults are SimCLR's (crops of 25-100 % of the area here: smaller ones often miss the object of a 32 px
+image). They randomise factors ``shapes`` records other than the object's kind: crops move and rescale the
+shape (position, size), flips mirror it, colour jitter and grayscale change its colour (``--rotation`` also
+turns it). The objective asks the projector head to be invariant to them, as in the paper, and ``--probe``
+measures with linear probes what trunk and head keep of each factor.
 
 Training runs exactly ``--steps`` steps (seeded: the same settings give the same weights on any machine, up
 to floating-point noise); ``--time-budget`` is only a safety cap: spent before the last step, the stage fails
@@ -59,7 +60,7 @@ class Augment:
     brightness: float = 0.4
     contrast: float = 0.4
     saturation: float = 0.4
-    hue: float = 0.5  # largest hue turn, as a fraction of a full turn (0.5: any hue)
+    hue: float = 0.1  # largest hue turn, as a fraction of a full turn (0.5: any hue)
     grayscale: float = 0.2
 
 
