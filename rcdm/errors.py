@@ -14,6 +14,7 @@ import contextlib
 import os
 import pickle
 import re
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,3 +148,17 @@ def reading(
         if not os.path.exists(path):
             raise InputFileError(path, "not found", missing_fix) from err
         raise InputFileError(path, describe(err, path), fix) from err
+
+
+#: ``--check`` of a stage: every input opened with the stage's own readers and every setting checked, on the
+#: CPU, nothing written; a workflow runs it on the submit host before the (retried, GPU) job
+CHECK_HELP = (
+    "validate every input file and setting as the real run would (on the CPU, writing nothing), print one "
+    "line and exit: 0 when the run can start, 1 with the error otherwise"
+)
+
+
+def check_passed(stage: str, summary: str) -> int:
+    """Print the one line a passing ``rcdm <stage> --check`` ends with (on stderr); returns exit status 0."""
+    print(f"rcdm {stage}: check passed: {_one_line(summary)}", file=sys.stderr)
+    return 0

@@ -296,7 +296,7 @@ def test_model_and_conditioning_dimension_mismatch_is_clear(setup, tmp_path):
     write_features_file(tmp_path / "f4.h5", np.zeros((3, 2, 4)))
     args = _args(root, tmp_path / "s.h5")
     args.features = str(tmp_path / "f4.h5")
-    with pytest.raises(SystemExit, match="expects 8-d representations but the conditioning has 4-d"):
+    with pytest.raises(InputFileError, match="f4.h5: gives 4-d representations but the model .* expects 8-d"):
         sample_mod.run(args)
 
 

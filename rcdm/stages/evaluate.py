@@ -1,4 +1,9 @@
-"""Stage ``rcdm evaluate``: score one sample set (:mod:`rcdm.scoring`) and write its ``metrics.csv`` row."""
+"""Stage ``rcdm evaluate``: score one sample set (:mod:`rcdm.scoring`) and write its ``metrics.csv`` row.
+
+``--check`` reads every input file and loads the Inception network and the encoder on the CPU as the run
+does, then exits without scoring or writing (0, or 1 with one line naming the file): the workflow's
+``evaluate_check`` job.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +17,13 @@ import torch
 
 from rcdm import encoders
 from rcdm.device import DEVICE_HELP, default_workers, resolve_device
-from rcdm.errors import REFETCH, reading
+from rcdm.errors import CHECK_HELP, EXIT_PERMANENT, REFETCH, check_passed, reading
 from rcdm.formats import hdf5
 from rcdm.formats.metrics_csv import write_metrics_csv
 from rcdm.formats.npz import npz_array_shape, read_npz_meta
 from rcdm.inception import InceptionWeightsMissing, inception_weights_path, load_inception
 from rcdm.scoring import FID_SEED, REFERENCE_SEED, EvalSettings, evaluate, load_reference_stats
+from rcdm.scoring import _check_samples as check_samples
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--check", action="store_true", help=CHECK_HELP)
 
 
 def _load_encoder(args, settings: dict[str, Any]) -> tuple[torch.nn.Module | None, str]:
@@ -110,6 +117,7 @@ def _check_inputs(args: argparse.Namespace) -> dict[str, Any]:
     with reading(args.samples):
         npz_array_shape(args.samples)
         settings = read_npz_meta(args.samples)["settings"]
+        check_samples(Path(args.samples))  # uint8 [N, H, W, 3]
     if args.features:
         with reading(args.features):
             hdf5.check_features_file(args.features, deep=False)
@@ -124,21 +132,27 @@ def _check_inputs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
+    device = torch.device("cpu") if args.check else resolve_device(args.device)
     settings = _check_inputs(args)
     try:
         with reading(inception_weights_path(args.weights_dir), fix=REFETCH, keep=(InceptionWeightsMissing,)):
             inception, inception_missing = load_inception(args.weights_dir, device=device), ""
     except InceptionWeightsMissing as err:
         inception, inception_missing = None, str(err)
-        print(f"rcdm evaluate: {err}", file=sys.stderr)
+        if not args.check:  # the check's one line says so
+            print(f"rcdm evaluate: {err}", file=sys.stderr)
     try:
         encoder, encoder_missing = _load_encoder(args, settings)
-    except encoders.EncoderMismatchError as err:
-        print(f"rcdm evaluate: {err}", file=sys.stderr)
-        return 2
-    if encoder is None:
+    except encoders.EncoderMismatchError as err:  # names the encoder file first
+        print(f"rcdm evaluate: {'error: ' if args.check else ''}{err}", file=sys.stderr)
+        return EXIT_PERMANENT if args.check else 2
+    if encoder is None and not args.check:
         print(f"rcdm evaluate: FD_rep and rank skipped: {encoder_missing}", file=sys.stderr)
+    if args.check:
+        fid = "FID/IS skipped (no Inception weights)" if inception is None else "FID/IS with Inception"
+        rep = "FD_rep and rank skipped" if encoder is None else f"FD_rep and rank with {encoder.encoder_name}"
+        n = check_samples(Path(args.samples))
+        return check_passed("evaluate", f"{args.samples} ({n} samples); {fid}; {rep}")
     ev = evaluate(
         args.samples, _settings(args, device, encoder, encoder_missing, inception, inception_missing)
     )

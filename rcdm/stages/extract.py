@@ -7,7 +7,9 @@ fp32 as the published code does (``--precision bf16`` opts into bf16 autocast, r
 file's ``precision`` attribute; docs/speed.md gives its measured effect); rows are appended in chunks, so
 memory does not grow with the dataset. Each output is written under a temporary name and renamed when
 complete; a finished output is never redone (a rerun is a no-op) and one made with other settings is an
-error rather than silently kept or overwritten.
+error rather than silently kept or overwritten. ``--check`` opens the dataset, finds the shard and loads the
+encoder on the CPU with every requested layer, then exits without decoding an image or writing: the
+workflow's ``extract_features_check`` job.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from tqdm import tqdm
 
 from rcdm.data import BAD_IMAGE_POLICIES, BadImageError, ImageSource, open_dataset_input
 from rcdm.device import DEVICE_HELP, default_workers, resolve_device
-from rcdm.errors import REFETCH, InputFileError, reading
+from rcdm.errors import CHECK_HELP, REFETCH, InputFileError, check_passed, reading
 from rcdm.formats import hdf5 as hs
 from rcdm.io import atomic_path, sha256_file
 from rcdm.preprocess import CROP_METHOD, INPUT_NORMS, center_crop_arr, encoder_input
@@ -598,6 +600,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Before 0.3 the default was bf16 on CUDA and --no-autocast selected fp32, which is now the default.
     r.add_argument("--no-autocast", action="store_true", help=argparse.SUPPRESS)
     r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--check", action="store_true", help=f"{CHECK_HELP} (no image encoded)")
 
 
 def _deprecated_spellings(args: argparse.Namespace) -> None:
@@ -614,6 +617,17 @@ def _deprecated_spellings(args: argparse.Namespace) -> None:
     if args.old_trust:
         print("rcdm extract: --trust-checkpoint is deprecated, use --trust-encoder", file=sys.stderr)
         args.trust_encoder = True
+
+
+def _check(args: argparse.Namespace, job: ExtractJob, factory: Callable[[list[str]], nn.Module]) -> int:
+    """``--check``: the dataset opened and its shard found (``job``), the encoder loaded on the CPU as the
+    run loads it, with every requested layer; nothing read from the images, nothing written."""
+    wanted = dict(job.features_out)
+    _, dims = _open_encoder(factory if wanted else None, wanted, torch.device("cpu"))
+    layers = ", ".join(f"{layer} {dims[layer]}-d" for layer in sorted(wanted, reverse=True))
+    shard = f"shard {job.shard} of {job.num_shards}: {job.stop - job.start}"
+    encoder = f"; encoder {args.encoder}: {layers}" if layers else ""
+    return check_passed("extract", f"{args.dataset} ({len(job.source)} images; {shard}){encoder}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -655,6 +669,8 @@ def run(args: argparse.Namespace) -> int:
                 return encoders.load_pair(args.encoder, args.encoder_checkpoint, **kw)
             return encoders.load(args.encoder, args.encoder_checkpoint, layers[0], **kw)
 
+    if args.check:
+        return _check(args, job, factory)
     try:
         run_extraction(
             job,

@@ -4,6 +4,10 @@ Shard i of k covers a fixed contiguous slice of the (selected) conditionings (:m
 conditionings and the per-sample noise; :mod:`rcdm.formats.samples`: the shard file). Progress is flushed
 after every batch to ``<shard>.partial``: a killed job resumes where it stopped; the final name appears (by
 rename) only when the shard is complete and is never recomputed.
+
+``--check`` loads the checkpoint on the CPU, opens the conditioning, checks its dimension against the model's,
+the number of conditionings asked for and the shards (every shard of ``--num-shards``), then exits without
+writing anything (0, or 1 with one line naming the file): the workflow's ``sample_check`` job.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from rcdm.conditioning import (
     select_conditionings,
 )
 from rcdm.device import DEVICE_HELP, resolve_device
-from rcdm.errors import MAKE_FIRST, REFETCH, InputFileError, reading
+from rcdm.errors import CHECK_HELP, MAKE_FIRST, REFETCH, InputFileError, check_passed, reading
 from rcdm.factory import model_flags_file, read_model_flags
 from rcdm.formats import hdf5
 from rcdm.formats.samples import (
@@ -236,6 +240,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-shards", type=int, default=1)
     g.add_argument("--overwrite", action="store_true", help="recompute even a complete shard")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--check", action="store_true", help=CHECK_HELP + " (every shard of --num-shards)")
 
 
 def _open_conditioning(args, image_size: int, device: torch.device):
@@ -257,6 +262,33 @@ def _open_conditioning(args, image_size: int, device: torch.device):
     return ImageConditioning(source, enc, image_size, device, spec=args.dataset)
 
 
+def _check_conditioning(args, model, cond) -> np.ndarray:
+    """The selected conditionings, checked against the model (their dimension) and the request (how many,
+    in how many shards): a mismatch is an InputFileError naming the conditioning's file."""
+    source = args.features or args.encoder_checkpoint or args.dataset
+    if model.ssl_dim != cond.dim:
+        raise InputFileError(
+            source,
+            f"gives {cond.dim}-d representations but the model {args.checkpoint} expects {model.ssl_dim}-d "
+            "ones",
+            "give the features (or encoder) of the model's encoder and layer",
+        )
+    if args.num_images is not None and args.num_images > cond.n:
+        raise InputFileError(
+            source,
+            f"holds {cond.n} conditionings, fewer than the {args.num_images} asked for (--num-images)",
+            f"ask for at most {cond.n}, or give a larger set",
+        )
+    selected = select_conditionings(cond.n, args.num_images, args.subset_seed)
+    if args.num_shards > len(selected):
+        raise InputFileError(
+            source,
+            f"{len(selected)} conditionings cannot fill {args.num_shards} shards (--num-shards)",
+            f"use at most {len(selected)} shards",
+        )
+    return selected
+
+
 def run(args: argparse.Namespace) -> int:
     from rcdm.checkpoint import load_model
     from rcdm.io import sha256_file
@@ -264,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
     if args.samples_per_image < 1 or args.batch_size < 1:
         raise SystemExit("rcdm sample: --samples-per-image and --batch-size must be >= 1")
     out = hdf5.part_path(args.out, args.shard, args.num_shards)
-    device = resolve_device(args.device)
+    device = torch.device("cpu") if args.check else resolve_device(args.device)
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
         raise InputFileError(checkpoint, "checkpoint not found", MAKE_FIRST)
@@ -287,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
         "shard": args.shard,
         "num_shards": args.num_shards,
     }
-    if out.exists() and not args.overwrite:
+    if out.exists() and not args.overwrite and not args.check:
         # Everything else in the stored settings follows from these (and the checkpoint / conditioning).
         with reading(out):  # this job's own earlier output
             stored = read_settings(out)
@@ -305,13 +337,13 @@ def run(args: argparse.Namespace) -> int:
     image_size = int(model.image_size)
     cond = _open_conditioning(args, image_size, device)
     try:
-        if model.ssl_dim != cond.dim:
-            raise SystemExit(
-                f"rcdm sample: the model expects {model.ssl_dim}-d representations but the conditioning "
-                f"has {cond.dim}-d ones ({cond.describe()})"
-            )
-        selected = select_conditionings(cond.n, args.num_images, args.subset_seed)
+        selected = _check_conditioning(args, model, cond)
         lo, hi = hdf5.shard_range(len(selected), args.shard, args.num_shards)
+        if args.check:
+            k = args.samples_per_image
+            what = f"{len(selected)} of {cond.n} conditionings ({cond.kind}), {k} samples each"
+            model_is = f"{checkpoint} ({image_size} px, {model.ssl_dim}-d)"
+            return check_passed("sample", f"{model_is}; {what} in {args.num_shards} shard(s)")
         settings.update(cond.describe())
         settings.update(
             image_size=image_size, ssl_dim=int(cond.dim), num_cond_total=int(len(selected)), shard_start=lo,

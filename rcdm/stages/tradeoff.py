@@ -9,7 +9,8 @@ matching images file the real images are scored the same way (the ceiling a perf
 Outputs in ``--out``: ``tradeoff.csv`` (one row per setting), ``tradeoff.png`` (FD_rep and MRR against NFE,
 log x), ``recommended.json`` (the cheapest setting whose FD_rep and MRR are both within ``--tolerance`` of
 the best values; see :func:`recommend`). Per-setting samples are kept under ``samples/`` with their wall
-time, so a rerun only computes missing settings.
+time, so a rerun only computes missing settings. ``--check`` stops after every input is read and checked
+(the model and encoder loaded on the CPU), before sampling or writing: the workflow's ``tradeoff_check`` job.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from rcdm import encoders
 from rcdm.checkpoint import load_model
 from rcdm.conditioning import FeatureConditioning, make_generators, select_conditionings
 from rcdm.device import DEVICE_HELP, resolve_device
-from rcdm.errors import MAKE_FIRST, REFETCH, InputFileError, reading
+from rcdm.errors import CHECK_HELP, MAKE_FIRST, REFETCH, InputFileError, check_passed, reading
 from rcdm.factory import model_flags_file, read_model_flags
 from rcdm.formats import hdf5
 from rcdm.formats.npz import write_npz
@@ -212,8 +213,9 @@ def _load_encoder(args, attrs: dict[str, Any]):
 
 
 def run_tradeoff(args: argparse.Namespace) -> dict[str, Any]:
-    """Sample and score every grid setting (reusing finished ones), then write CSV, PNG and JSON."""
-    device = resolve_device(args.device)
+    """Sample and score every grid setting (reusing finished ones), then write CSV, PNG and JSON. With
+    ``args.check``: every input read and checked on the CPU, nothing written; returns {"check": summary}."""
+    device = torch.device("cpu") if args.check else resolve_device(args.device)
     grid = _parse_grid(args.samplers, args.steps)
     features = Path(args.features)
     if not features.is_file():
@@ -231,13 +233,25 @@ def run_tradeoff(args: argparse.Namespace) -> dict[str, Any]:
         with reading(args.images):
             size = int(hdf5.check_images_file(args.images, deep=False)["image_size"])
         if size != int(model.image_size):
-            raise ValueError(
-                f"the model samples {model.image_size} px images but {args.images} holds {size} px images: "
-                "give the model's flags (--model-flags model_flags.json)"
+            raise InputFileError(
+                args.images,
+                f"holds {size} px images but the model {args.checkpoint} samples {model.image_size} px ones",
+                "give the model's flags (--model-flags model_flags.json) or the images of its data",
             )
     cond = FeatureConditioning(features)
     if int(model.ssl_dim or 0) != cond.dim:
-        raise ValueError(f"the model expects {model.ssl_dim}-d representations, {features} has {cond.dim}-d")
+        raise InputFileError(
+            features,
+            f"holds {cond.dim}-d representations but the model {args.checkpoint} expects {model.ssl_dim}-d "
+            "ones",
+            "give the features of the model's encoder and layer",
+        )
+    if args.num_cond > cond.n:
+        raise InputFileError(
+            features,
+            f"holds {cond.n} conditionings, fewer than the {args.num_cond} asked for (--num-cond)",
+            f"ask for at most {cond.n}",
+        )
     ids = select_conditionings(cond.n, args.num_cond, args.seed)
     feats = cond.features(ids)
     cond.close()
@@ -247,6 +261,10 @@ def run_tradeoff(args: argparse.Namespace) -> dict[str, Any]:
     max_steps = diffusion.base_diffusion().num_timesteps
     if any(n > max_steps for _, n in grid):
         raise ValueError(f"--steps above the model's {max_steps} diffusion steps")
+    if args.check:
+        model_is = f"{args.checkpoint} ({model.image_size} px, {cond.dim}-d)"
+        grid_is = f"{len(grid)} settings up to {max(n for _, n in grid)} steps"
+        return {"check": f"{model_is}; {len(ids)} conditionings of {features}; {grid_is}"}
 
     out = Path(args.out)
     sample_dir = out / "samples"
@@ -330,12 +348,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--out", default="results/tradeoff", help="output directory")
+    parser.add_argument("--check", action="store_true", help=CHECK_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.num_cond < 2 or args.batch_size < 1 or not math.isfinite(args.tolerance):
         raise SystemExit("rcdm tradeoff: --num-cond must be >= 2, --batch-size >= 1, --tolerance finite")
     summary = run_tradeoff(args)
+    if args.check:
+        return check_passed("tradeoff", summary["check"])
     print(
         f"rcdm tradeoff: recommended {summary['sampler']} with {summary['steps']} steps "
         f"({summary['nfe']} NFE, FD_rep {summary['fd_rep']:.4f}, MRR {summary['mrr']:.4f}; "

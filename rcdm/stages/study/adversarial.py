@@ -190,6 +190,7 @@ def _study(args: argparse.Namespace, out: common.StudyOutput) -> list:
     ctx = common.StudyContext.from_args(args)
     attacks = attacks_of(args)
     classifier = _classifier(args, ctx)
+    common.loaded(args, ctx, f"attacks {', '.join(attacks)}")
     x = to_unit(ctx.sources.enc).to(ctx.device)  # each original's crop at the encoder's input size
     objectives = {"representation": representation_objective(lambda z: encoder_forward(ctx.encoder, z))}
     if classifier is not None:

@@ -150,6 +150,8 @@ def _study(args: argparse.Namespace, out: common.StudyOutput) -> list[Path]:
         )
     load_args = argparse.Namespace(**{**vars(args), "num_images": max(args.num_images, args.ref_images)})
     ctx = common.StudyContext.from_args(load_args)
+    if args.check:  # the encoder's other layer too, as invariance() loads it
+        common.loaded(args, ctx, f"spaces {', '.join(_spaces(args, ctx))}")
     views = augmented_views(to_unit(ctx.sources.enc), conditions, args.seed)  # [N, c, 3, E, E]
     ratios = invariance(args, ctx, views)  # {space: [N, c]}
     m, c = min(args.num_images, len(ctx.sources)), len(conditions)

@@ -7,6 +7,8 @@ The maths lives in the library: :mod:`rcdm.study_images` (which images, their cr
 
 Every study writes ``OUT/<study>.png`` (plus optional ``OUT/<study>_*.png``), ``OUT/<study>.csv`` and, last,
 ``OUT/<study>.json`` (its settings). A rerun whose settings record matches and whose outputs exist is skipped.
+``--check`` runs a study on the CPU up to the end of its loading (:func:`loaded`), then exits without writing:
+the workflow's ``study_check`` job.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from PIL import Image
 
 from rcdm.data import check_dataset_input
 from rcdm.device import DEVICE_HELP, resolve_device
-from rcdm.errors import MAKE_FIRST, REFETCH, InputFileError, reading
+from rcdm.errors import CHECK_HELP, MAKE_FIRST, REFETCH, InputFileError, check_passed, reading
 from rcdm.factory import model_flags_file, read_model_flags
 from rcdm.formats import hdf5
 from rcdm.io import atomic_path
@@ -125,6 +127,7 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--probe", default=None, help="factor probe (`rcdm study probe`) to score kept factors")
     g.add_argument("--force", action="store_true", help="recompute even if finished outputs exist")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--check", action="store_true", help=CHECK_HELP)
 
 
 def add_standard_arguments(parser: argparse.ArgumentParser, *, samples: int = 4) -> None:
@@ -335,7 +338,9 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
-def settings_of(args: argparse.Namespace, skip: Sequence[str] = ("force", "no_progress", "func")) -> dict:
+def settings_of(
+    args: argparse.Namespace, skip: Sequence[str] = ("force", "no_progress", "func", "check")
+) -> dict:
     """The arguments that determine a study's result (recorded and compared for resuming). Input files are
     recorded with their size and modification time, so a rerun after e.g. retraining is not skipped."""
     out = {}
@@ -349,9 +354,30 @@ def settings_of(args: argparse.Namespace, skip: Sequence[str] = ("force", "no_pr
     return out
 
 
+class CheckPassed(Exception):
+    """Raised by :func:`loaded` under ``--check``: the study's inputs are loaded and checked; its message says
+    what was loaded."""
+
+
+def loaded(args: argparse.Namespace, ctx: StudyContext, extra: str = "") -> None:
+    """Where a study's loading ends and its work begins: under ``--check`` the study stops here
+    (:class:`CheckPassed`), having read every input with the code the run uses, before anything is written."""
+    if getattr(args, "check", False):
+        what = f"{ctx.describe()}; {len(ctx.sources)} images, {ctx.image_size} px samples"
+        raise CheckPassed(f"{what}; {extra}" if extra else what)
+
+
 def run_once(args: argparse.Namespace, name: str, body: Callable[[StudyOutput], list[Path]]) -> int:
-    """Run ``body`` unless a finished run with the same settings exists; record settings when it succeeds."""
+    """Run ``body`` unless a finished run with the same settings exists; record settings when it succeeds.
+    ``--check``: ``body`` runs on the CPU up to its :func:`loaded` call, whether or not it is finished."""
     out = StudyOutput(args.out, name)
+    if getattr(args, "check", False):
+        args.device = "cpu"
+        try:
+            body(out)
+        except CheckPassed as done:
+            return check_passed("study", f"{name}: {done}")
+        raise RuntimeError(f"study {name} did not reach its check point (common.loaded)")
     settings = settings_of(args)
     if not args.force and out.finished(settings):
         print(f"study {name}: finished outputs in {out.dir} match these settings; skipping", file=sys.stderr)

@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
 def conditioned_study(args: argparse.Namespace, out: common.StudyOutput, title: str) -> list:
     """Shared by ``conditioned`` and ``ood``: figure rows of image + samples, CSV rows per sample."""
     ctx = common.StudyContext.from_args(args)
+    common.loaded(args, ctx)
     feats = ctx.clean_features()
     samples = ctx.repeat_samples(feats, args.samples, desc=out.name)
     out.save_png(_figure(ctx, samples, args.samples, title))

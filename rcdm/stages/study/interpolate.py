@@ -111,6 +111,7 @@ def _study(args: argparse.Namespace, out: common.StudyOutput) -> list:
     ctx = common.StudyContext.from_args(args)
     feats = ctx.clean_features()
     pairs = common.parse_pairs(args.pairs, len(ctx.sources))
+    common.loaded(args, ctx, f"{len(pairs)} pairs")
     t = torch.linspace(0, 1, args.steps_between)
     conds_t, samples, meta = interpolation_samples(ctx, feats, pairs, methods, t, args.samples)
     out.save_png(_figure(ctx, pairs, methods, t, samples, args.samples))

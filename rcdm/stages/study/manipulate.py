@@ -363,6 +363,7 @@ def _study(args: argparse.Namespace, out: common.StudyOutput) -> list:
     pairs = common.parse_pairs(args.pairs, len(ctx.sources))
     queries = torch.stack([feats[i] for i, _ in pairs])
     nset = neighbour_set(args, ctx)
+    common.loaded(args, ctx, f"{len(pairs)} pairs, {nset.n} neighbours")
     found = find_neighbours(args, ctx, nset, queries, [int(ctx.sources.labels[i]) for i, _ in pairs])
     if found[0].feats.shape[1] != feats.shape[1]:
         raise ValueError("the neighbour set's representations do not have the encoder's dimension")

@@ -68,6 +68,7 @@ def _study(args: argparse.Namespace, out: common.StudyOutput) -> list[Path]:
     load_args = argparse.Namespace(**{**vars(args), "num_images": max(args.num_images, args.keep_images)})
     ctx = common.StudyContext.from_args(load_args, layer="trunk")
     head_model, head_diffusion, head_enc = _load_head(args, ctx)
+    common.loaded(args, ctx, f"head model {args.head_checkpoint}")
     k, n = args.samples, len(ctx.sources)
     f_trunk = ctx.clean_features()
     if args.head_features:
