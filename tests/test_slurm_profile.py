@@ -172,3 +172,125 @@ def test_plugin_drops_array_jobs_it_is_not_handed_all_of(cluster, tmp_path):
     assert proc.returncode == 124, out[-3000:]  # still waiting when `timeout` stopped it
     assert "Array job collection incomplete for rule shard: 2/3 arrived" in out, out[-3000:]
     assert "Submitted array job" not in out and "has been submitted with SLURM jobid" not in out
+
+
+# ------------------------------------------------------------------ grouped jobs (not in the profile)
+# Snakemake job grouping, as a user would switch it on for the shard rules of the workflow: each rule's shards
+# of one set (and model) in a group, `group-components` of them per sbatch submission. `shard_slots` (local
+# scope, 1 per group) makes Snakemake lay the group's jobs out one after another, so a group asks for one
+# shard's GPU, CPUs and memory and the sum of their runtimes; without it Snakemake sums GPUs, threads and
+# memory over the group (8 one-GPU shards: --gpus=8) while the plugin's in-job Snakemake runs them one at a
+# time anyway (`--jobs 1`).
+SHARD_RULES = {
+    "extract_images": "{dataset}",
+    "extract_features": "{encoder}_{dataset}",
+    "sample": "{encoder}_{layer}_{dataset}",
+}
+
+
+def group_flags(rules: dict[str, str], per_group: int) -> list[str]:
+    groups = {rule: f"{rule}_{wildcards}" for rule, wildcards in rules.items()}
+    return [
+        "--groups", *(f"{rule}={group}" for rule, group in groups.items()),
+        "--group-components", *(f"{group}={per_group}" for group in groups.values()),
+        "--resources", "shard_slots=1",
+        "--set-resource-scopes", "shard_slots=local",
+        "--set-resources", *(f"{rule}:shard_slots=1" for rule in rules),
+    ]  # fmt: skip
+
+
+def local_rules() -> set[str]:
+    """The workflow's rules that run on the head node (`localrule: True`, `localrules:`), and `all`."""
+    names = {"all"}
+    for smk in (ROOT / "workflow" / "rules").glob("*.smk"):
+        text = smk.read_text()
+        for name, body in re.findall(r"^rule (\w+):\n((?:[ \t].*\n|\n)*)", text, flags=re.M):
+            if re.search(r"^\s+localrule: True", body, flags=re.M):
+                names.add(name)
+        for listed in re.findall(r"^localrules:(.*(?:\n[ \t]+.*)*)", text, flags=re.M):
+            names.update(re.findall(r"\w+", listed))
+    return names
+
+
+def test_grouping_the_shard_rules_would_cut_submissions(tmp_path):
+    """A dry run of config/imagenet.yaml through the profile (no cluster needed): 1,031 sbatch submissions as
+    the profile stands; with the shard rules grouped 8 per submission, 266. The profile does not group (the
+    test below shows why): this states what grouping would save."""
+    for split, n in {"train": 256, "val": 50}.items():  # as tests/test_workflow.py: empty files stand in
+        (tmp_path / split).mkdir()
+        for i in range(n):
+            (tmp_path / split / f"{i:05d}.JPEG").touch()
+    cfg = yaml.safe_load((ROOT / "config" / "imagenet.yaml").read_text())
+    for split in ("train", "val"):
+        cfg["data"][split]["path"] = str(tmp_path / split)
+    (tmp_path / "imagenet.yaml").write_text(yaml.safe_dump(cfg))
+    local = local_rules()
+
+    def submissions(*flags: str) -> tuple[int, int, int]:
+        cmd = [sys.executable, "-m", "snakemake", "-n", "--profile", "slurm", "--directory", str(tmp_path)]
+        cmd += ["--configfile", str(tmp_path / "imagenet.yaml"), *flags]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        table = proc.stdout[proc.stdout.index("Job stats:") :]
+        counts = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, flags=re.M)}
+        cluster = sum(n for rule, n in counts.items() if rule not in local | {"total"})
+        shards = sum(counts[rule] for rule in SHARD_RULES)
+        groups = re.findall(r"\] Group job (\w+) \(jobs in lexicogr", proc.stdout)
+        assert all(group.startswith(tuple(SHARD_RULES)) for group in groups)
+        return cluster, shards, cluster - (shards if groups else 0) + len(groups)
+
+    profile = yaml.safe_load((ROOT / "slurm" / "config.yaml").read_text())
+    assert not {"groups", "group-components"} & set(profile)
+    assert submissions() == (1031, 897, 1031)
+    assert submissions(*group_flags(SHARD_RULES, 8)) == (1031, 897, 266)
+
+
+GROUP_SNAKEFILE = """
+rule all:
+    input: expand("out/{i}.txt", i=range(3))
+
+rule shard:
+    output: "out/{i}.txt"
+    resources: mem_mb=200, runtime=5, gpu=1
+    shell:
+        "echo {wildcards.i} >> order; "
+        "if [ $(wc -l < order) = 2 ]; then exit 3; fi; "  # the second shard to run fails
+        "touch {output}"
+"""
+
+
+def test_group_job_loses_its_finished_shards_when_one_fails(cluster, tmp_path):
+    """Why slurm/config.yaml does not group the shard rules: three one-GPU shards grouped into one submission
+    ask for what one shard needs (--gpus=1, --mem 200) and three shards' runtime (-t 15), and run one after
+    another in that job. But when one of them fails, the whole group fails: the main Snakemake reports every
+    shard as failed (`keep-going` does not apply within a group), deletes the outputs of the shards that had
+    finished, and the shards after the failing one never run (the in-job Snakemake stops at the first error).
+    Ungrouped, the two healthy shards would be kept. The same holds for a group that reaches its time limit;
+    a retry resubmits the whole group, finished shards included."""
+    (tmp_path / "Snakefile").write_text(GROUP_SNAKEFILE)
+    cmd = ["timeout", "-s", "INT", "-k", "10", "300", sys.executable, "-m", "snakemake"]
+    cmd += [
+        "--executor",
+        "slurm",
+        *LOCAL_CLUSTER_FLAGS,
+        "--keep-going",
+        "--verbose",
+        *group_flags({"shard": "all"}, 3),
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=360)
+    out = proc.stdout + proc.stderr
+    assert out.count("has been submitted with SLURM jobid") == 1, out[-3000:]  # one submission, three shards
+    (sbatch,) = re.findall(r"^sbatch call: (.*)$", out, flags=re.M)
+    assert " -t 15 " in sbatch and " --mem 200 " in sbatch and "--gpus=1" in sbatch, sbatch[:500]
+    order = (tmp_path / "order").read_text().split()
+    assert len(order) == 2, order  # the third shard never started
+    first = f"out/{order[0]}.txt"
+    kept = (tmp_path / first).exists()
+    assert not kept, (
+        f"{first} (finished before another shard of its group failed) was kept: grouped jobs may now be "
+        "safe for the shard rules; try the grouping of slurm/config.yaml again"
+    )
+    removed = "Removing output files of failed job shard since they might be corrupted:"
+    assert re.search(rf"{removed}\n{re.escape(first)}$", out, flags=re.M), out[-3000:]
+    assert out.count("Error in rule shard:") == 3, out[-3000:]  # all three reported failed, one did
+    assert proc.returncode == 1, out[-3000:]
