@@ -216,12 +216,13 @@ def test_imagenet_config_builds_the_full_dag(tmp_path):
     counts = job_counts(proc.stdout)
     cfg = yaml.safe_load((ROOT / "config" / "imagenet.yaml").read_text())
     # the paper's protocol: FID/IS on 10,000 samples against 10,000 val images, rank/MRR on all 50,000
-    evaluate_cmds = [line for line in proc.stdout.splitlines() if "rcdm evaluate " in line]
+    jobs = [line for line in proc.stdout.splitlines() if "_check/" not in line]  # not the check jobs' logs
+    evaluate_cmds = [line for line in jobs if "rcdm evaluate " in line]
     assert len(evaluate_cmds) == 9
     assert all("--n-fid 10000" in c and "--n-reference 10000" in c for c in evaluate_cmds)
     # the studies, for every encoder and layer; trunk-head for each encoder with both layers
     both = sum(set(e["layers"]) == {"trunk", "head"} for e in cfg["encoders"].values())
-    assert both == 4 and proc.stdout.count("rcdm study trunk-head ") == both
+    assert both == 4 and sum("rcdm study trunk-head " in line for line in jobs) == both
     per_model = len(cfg["studies"]["run"]) - 2 + len(cfg["data"]["ood"])  # ood once per OOD set
     assert counts["study"] == 9 * per_model + both
     assert counts["tradeoff"] == 9  # the sampler speed/quality curve of every model
@@ -241,14 +242,21 @@ def test_imagenet_config_builds_the_full_dag(tmp_path):
     assert counts["merge_samples"] == runs * (1 + len(cfg["data"]["ood"]))
     assert counts["fetch"] == len(cfg["encoders"]) + 1  # encoder files + the Inception weights
     # every model's adversarial study asks (and attacks) the supervised ResNet-50 classifier, fetched above
-    adversarial = [line for line in proc.stdout.splitlines() if "rcdm study adversarial " in line]
+    adversarial = [line for line in jobs if "rcdm study adversarial " in line]
     assert len(adversarial) == 9
     assert all("--classifier weights/resnet50-0676ba61.pth " in c for c in adversarial)
     assert counts["tabulate"] == 1
+    # one local check before each group of GPU jobs that share their inputs, never one per shard: per
+    # (encoder, set) of the features, (model, conditioning set) of the samples, and per job of the others
+    assert counts["extract_features_check"] == len(cfg["encoders"]) * len(sets)
+    assert counts["sample_check"] == runs * (1 + len(cfg["data"]["ood"]))
+    assert counts["evaluate_check"] == counts["tradeoff_check"] == counts["train_check"] == runs
+    assert counts["study_check"] == counts["study"]
     # sbatch submissions through the SLURM profile: every job but the local ones, each on its own (the profile
     # submits no job arrays: slurm/config.yaml says why); with arrays of the shard rules, the shards of one
     # (rule, other wildcards) become ready together and would go as one array at most
-    local = {"all", "fetch", "model_flags", "train_check", "run_flags", "hero"}
+    checks = {"train_check", "extract_features_check", "sample_check", "evaluate_check", "tradeoff_check"}
+    local = {"all", "fetch", "model_flags", "run_flags", "hero", "study_check", *checks}
     cluster = sum(n for rule, n in counts.items() if rule not in local | {"total"})
     profile = yaml.safe_load((ROOT / "slurm" / "config.yaml").read_text())
     assert "slurm-array-jobs" not in profile
@@ -330,6 +338,27 @@ def test_permanent_train_error_fails_once_in_the_check(tmp_path):
     assert "fewer than one global batch of 200" in line and "images.h5" in line and "(log: " in line
     assert "rule train:" not in err and not (tmp_path / "logs" / "micro" / "train").exists()
     assert err.count("Error in rule train_check") == 1  # no retry
+
+
+@pytest.mark.slow
+def test_corrupt_intermediate_file_fails_once_in_the_check(tmp_path):
+    """A corrupted intermediate file (the val features, cut short after they were made) fails the local
+    `sample_check` job, once, as one line naming the file; no sampling shard (retried, on GPUs) starts."""
+    cfg = str(write_config(tmp_path, "micro.yaml", **{"resources.sample": {"retries": 3}}))
+    features = Path("results/micro/features/demo/val/trunk.h5")
+    proc = snakemake(str(features), "--cores", "2", "--configfile", cfg, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = (tmp_path / features).read_bytes()
+    (tmp_path / features).write_bytes(data[: len(data) // 2])
+    samples = "results/micro/samples/demo/trunk/val/samples.npz"
+    proc = snakemake(samples, "--cores", "2", "--configfile", cfg, cwd=tmp_path, timeout=600)
+    assert proc.returncode != 0
+    err = proc.stderr + proc.stdout
+    assert err.count("Error in rule sample_check") == 1  # no retry
+    line = next(line for line in err.splitlines() if line.startswith("rcdm sample: error:"))
+    assert f"{features}: not a readable HDF5 file" in line and "delete it and rerun" in line
+    assert "(log: logs/micro/sample_check/demo/trunk/val.log)" in line
+    assert "rule sample:" not in err and not (tmp_path / "logs" / "micro" / "sample").exists()
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -483,7 +512,12 @@ RESULT_CHANGING = {
     "studies.steps": (3, "study"),
 }
 # A stage's local check job, run before it with the same inputs and options: reruns with it.
-PREFLIGHT = {"train": {"train_check"}}
+PREFLIGHT = {
+    "train": {"train_check"},
+    "extract_features": {"extract_features_check"},
+    "sample": {"sample_check"},
+    "study": {"study_check"},
+}
 
 
 @pytest.mark.slow

@@ -69,6 +69,18 @@ def extra(stage: str) -> str:
     return config[stage].get("extra_args", "")
 
 
+def check_shell(command: str) -> str:
+    """The shell of a stage's local check job: `command`, the stage's CLI with `--check` (every input read and
+    checked as the run would, on the CPU, nothing written), run on the submit host before the stage's retried
+    GPU jobs, with their inputs and options. Passing, its summary line becomes the check's output, a marker
+    those jobs need; failing (a permanent error: bad data or configuration), the error's one line and the
+    log's path go to stderr and the job fails once, before any GPU job is submitted."""
+    return (
+        f"if {command} > {{log}} 2>&1; then tail -n 1 {{log}} > {{output}}; "
+        "else echo \"$(tail -n 1 {log}) (log: {log})\" >&2; exit 1; fi"
+    )
+
+
 def write_json(path: str, obj) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -95,6 +107,12 @@ def extract_jobs(dataset: str) -> list[dict]:
     """The wildcards {shard, num} of a dataset's extraction jobs (one job: shard 0 of 1), as parts are named."""
     parts = part_files("x.h5", extract_shards(dataset))
     return [re.search(r"part-(?P<shard>\d+)-of-(?P<num>\d+)", part).groupdict() for part in parts]
+
+
+def features_out(folder: str, encoder: str) -> str:
+    """`--features-out` of an extraction job writing the encoder's layers into `folder`: <folder>/<layer>.h5
+    for one shard, <folder>/<layer>.part-000i-of-000k.h5 (named by the CLI) for k > 1."""
+    return opts(features_out=[f"{layer}={folder}/{layer}.h5" for layer in ENCODERS[encoder]["layers"]])
 
 
 # Options of `rcdm extract` shared by images and features jobs: what they write, how fast
@@ -180,6 +198,54 @@ def rcdm_files(encoder: str, layer: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- studies
+PROBE = STUDIES["probe"] and config["data"]["train"]["source"] == "shapes"  # the shapes factor probe
+STUDY_OPTS = opts(**{k: STUDIES[k] for k in ("num_images", "samples", "sampler", "steps")}, seed=config["seed"])
+FIRST_LAYER = {"trunk": "trunk", "head": "head", "both": "trunk"}  # the model `--checkpoint` loads
+
+
+def study_inputs(encoder: str, layer: str, dataset: str, study: str) -> dict:
+    """The files one study job reads ([] for none); `layer` both: trunk-head, the trunk's model first and the
+    head's as its second."""
+    first = rcdm_files(encoder, FIRST_LAYER[layer])
+    head = rcdm_files(encoder, "head") if layer == "both" else {}
+    return {
+        "checkpoint": first["checkpoint"],
+        "flags": first["flags"],
+        "encoder": encoder_file(encoder),
+        "images": IMAGES.format(dataset=dataset),
+        "features": FEATURES.format(encoder=encoder, dataset=dataset, layer=FIRST_LAYER[layer]),
+        "head_checkpoint": head.get("checkpoint", []),
+        "head_flags": head.get("flags", []),
+        "head_features": FEATURES.format(encoder=encoder, dataset=dataset, layer="head") if head else [],
+        "probe": f"{R}/studies/probe/probe.pt" if PROBE else [],
+        "classifier": study_classifier(study),  # adversarial: the supervised comparison
+    }
+
+
+def study_command(encoder: str, layer: str, dataset: str, study: str) -> str:
+    """`rcdm study <study> ...` of one study job, on the files of study_inputs, without its throughput options
+    (the resource run_opts): what the study job runs, and what its model's study_check job checks."""
+    f = study_inputs(encoder, layer, dataset, study)
+    return " ".join(
+        part
+        for part in (
+            shlex.join(["rcdm", "study", study, "--checkpoint", f["checkpoint"], "--model-flags", f["flags"]]),
+            opts(
+                head_checkpoint=f["head_checkpoint"] or None,
+                head_model_flags=f["head_flags"] or None,
+                head_features=f["head_features"] or None,
+            ),
+            f"{encoder_args(encoder)} --encoder-name {encoder}",
+            opts(layer=None if layer == "both" else layer, images=f["images"], features=f["features"]),
+            opts(probe=f["probe"] or None, classifier=f["classifier"] or None),
+            STUDY_OPTS,
+            STUDIES["extra_args"].get(study, ""),
+            opts(out=STUDY.format(encoder=encoder, layer=layer, dataset=dataset, study=study)),
+        )
+        if part
+    )
+
+
 def study_classifier(study: str) -> str | list:
     """The image classifier file a study job reads ([] for none): the adversarial study's supervised comparison
     (studies.adversarial_classifier). `supervised`: torchvision's ResNet-50 with its fc, the registry's file in

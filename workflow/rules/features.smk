@@ -3,10 +3,50 @@
 # folder; `merge_features` joins one layer's parts and checks them against the images file (one part: a link).
 
 
+# What `rcdm extract` reads and how it is called for features: shared by the check below and the extraction
+# jobs, so the check sees exactly the data, encoder and options its shards will (the number of shards, not the
+# shard; the features files named, not written)
+FEATURES_INPUT = dict(
+    images=IMAGES,
+    encoder=lambda wc: encoder_file(wc.encoder),
+)
+FEATURES_PARAMS = dict(
+    data=lambda wc: dataset_args(wc.dataset),
+    encoder=lambda wc: encoder_args(wc.encoder),
+    dtype=opts(dtype=config["extract"]["feature_dtype"]),
+    opts=EXTRACT_OPTS,
+)
+FEATURES_RUN = run_opts(trust="--trust-encoder", **EXTRACT_RUN)
+FEATURES_ARGS = "{params.data} {params.encoder} {params.dtype} {params.out} {params.shard} {params.opts}"
+FEATURES_ARGS += " {resources.run_opts}"
+
+
+rule extract_features_check:
+    """`rcdm extract --check` on the head node, once per encoder and dataset, before any of its extraction
+    shards: configuration and data errors (a missing, truncated or foreign encoder weights file, an encoder
+    without a requested layer, an image folder that is gone) fail here, once, as one line, never consuming a
+    retry or a GPU allocation."""
+    input:
+        **FEATURES_INPUT,
+    output:
+        f"{R}/features/{{encoder}}/{{dataset}}/extract_features_check.txt",
+    log:
+        f"{LOGS}/extract_features_check/{{encoder}}/{{dataset}}.log",
+    params:
+        **FEATURES_PARAMS,
+        out=lambda wc, output: features_out(str(Path(output[0]).parent), wc.encoder),
+        shard=lambda wc: opts(num_shards=extract_shards(wc.dataset)),
+    resources:
+        run_opts=FEATURES_RUN,
+    localrule: True
+    shell:
+        check_shell(f"rcdm extract --check {FEATURES_ARGS}")
+
+
 rule extract_features:
     input:
-        images=IMAGES,
-        encoder=lambda wc: encoder_file(wc.encoder),
+        **FEATURES_INPUT,
+        check=rules.extract_features_check.output[0],
     output:
         temp(directory(FEATURE_PARTS)),
     log:
@@ -14,23 +54,16 @@ rule extract_features:
     benchmark:
         f"{BENCH}/extract_features/{{encoder}}/{{dataset}}.{{shard}}-of-{{num}}.tsv"
     params:
-        data=lambda wc: dataset_args(wc.dataset),
-        encoder=lambda wc: encoder_args(wc.encoder),
-        dtype=opts(dtype=config["extract"]["feature_dtype"]),
-        # <folder>/<layer>.h5 for one shard, <folder>/<layer>.part-000i-of-000k.h5 (named by the CLI) for k > 1
-        out=lambda wc, output: opts(
-            features_out=[f"{layer}={output[0]}/{layer}.h5" for layer in ENCODERS[wc.encoder]["layers"]]
-        ),
+        **FEATURES_PARAMS,
+        out=lambda wc, output: features_out(output[0], wc.encoder),
         shard=shard_args,
-        opts=EXTRACT_OPTS,
     threads: rule_threads("extract_features")
     resources:
         **rule_resources("extract_features"),
-        run_opts=run_opts(trust="--trust-encoder", **EXTRACT_RUN),
+        run_opts=FEATURES_RUN,
     retries: rule_retries("extract_features")
     shell:
-        "rcdm extract {params.data} {params.encoder} {params.dtype} {params.out} {params.shard} {params.opts} "
-        "{resources.run_opts} > {log} 2>&1"
+        f"rcdm extract {FEATURES_ARGS} > {{log}} 2>&1"
 
 
 rule merge_features:

@@ -2,13 +2,13 @@
 # last, <study>.json (its settings) per model, on the val images (ood: on each OOD set). trunk-head compares an
 # encoder's two models: its <layer> is `both`, its first model the trunk's; it also writes trunk-head.md (the
 # keep-rate table) and trunk-head_images.csv. The `hero` rule copies the first such encoder's figure and
-# keep-rates to figures/hero.png and figures/keep_rates.{csv,md}, the files the README shows.
-PROBE = STUDIES["probe"] and config["data"]["train"]["source"] == "shapes"  # the shapes factor probe
-STUDY_OPTS = opts(**{k: STUDIES[k] for k in ("num_images", "samples", "sampler", "steps")}, seed=config["seed"])
-FIRST_LAYER = {"trunk": "trunk", "head": "head", "both": "trunk"}  # the model `--checkpoint` loads
-# what `snakemake` builds: the settings record, written last, of each configured study of each model
-STUDY_TARGETS = [
-    f"{STUDY}/{{study}}.json".format(encoder=encoder, layer=layer, dataset=dataset, study=study)
+# keep-rates to figures/hero.png and figures/keep_rates.{csv,md}, the files the README shows. Each study job
+# is preceded by a local `study_check` job, the same command with `--check` (common.smk: study_command). One
+# check per model for all its studies would make fewer jobs, but a change to one study's settings would then
+# rerun the check and, after it, every study of that model.
+# (encoder, layer, dataset, study) of each configured study job
+STUDY_JOBS = [
+    (encoder, layer, dataset, study)
     for study in STUDIES["run"]
     for encoder, layer in (
         [(e, "both") for e, spec in ENCODERS.items() if set(spec["layers"]) == set(LAYERS)]
@@ -17,6 +17,11 @@ STUDY_TARGETS = [
     )
     for dataset in (config["data"]["ood"] if study == "ood" else ["val"])
 ]
+# what `snakemake` builds: the settings record, written last, of each configured study of each model
+STUDY_TARGETS = [
+    f"{STUDY}/{{study}}.json".format(encoder=e, layer=l, dataset=d, study=s) for e, l, d, s in STUDY_JOBS
+]
+STUDY_RUN = run_opts(trust="--trust-checkpoint", batch_size=STUDIES["batch_size"])
 HERO_ENCODERS = [e for e, spec in ENCODERS.items() if set(spec["layers"]) == set(LAYERS)]
 HERO = f"{R}/figures"
 if "trunk-head" in STUDIES["run"] and HERO_ENCODERS:
@@ -46,21 +51,33 @@ rule study_probe:
         "{resources.run_opts} > {log} 2>&1"
 
 
+rule study_check:
+    """`rcdm study <study> --check` on the head node before the study job, with its inputs and options:
+    configuration and data errors (a truncated checkpoint or features file, features of another dimension,
+    a missing encoder or classifier file, fewer images than asked for) fail here, once, as one line, never
+    consuming a retry or a GPU allocation."""
+    input:
+        unpack(lambda wc: study_inputs(wc.encoder, wc.layer, wc.dataset, wc.study)),
+    output:
+        f"{STUDY}/study_check.txt",
+    log:
+        f"{LOGS}/study_check/{{encoder}}/{{layer}}/{{dataset}}/{{study}}.log",
+    wildcard_constraints:
+        study="conditioned|ood|augment|adversarial|interpolate|manipulate|trunk-head",
+        layer="trunk|head|both",
+    params:
+        cmd=lambda wc: study_command(wc.encoder, wc.layer, wc.dataset, wc.study),
+    resources:
+        run_opts=STUDY_RUN,
+    localrule: True
+    shell:
+        check_shell("{params.cmd} {resources.run_opts} --check")
+
+
 rule study:
     input:
-        checkpoint=lambda wc: rcdm_files(wc.encoder, FIRST_LAYER[wc.layer])["checkpoint"],
-        flags=lambda wc: rcdm_files(wc.encoder, FIRST_LAYER[wc.layer])["flags"],
-        encoder=lambda wc: encoder_file(wc.encoder),
-        images=IMAGES,
-        features=lambda wc: FEATURES.format(**{**wc, "layer": FIRST_LAYER[wc.layer]}),
-        # trunk-head's second model: the head's
-        head_checkpoint=lambda wc: rcdm_files(wc.encoder, "head")["checkpoint"] if wc.layer == "both" else [],
-        head_flags=lambda wc: rcdm_files(wc.encoder, "head")["flags"] if wc.layer == "both" else [],
-        head_features=lambda wc: (
-            FEATURES.format(encoder=wc.encoder, dataset=wc.dataset, layer="head") if wc.layer == "both" else []
-        ),
-        probe=rules.study_probe.output.probe if PROBE else [],
-        classifier=lambda wc: study_classifier(wc.study),  # adversarial: the supervised comparison
+        unpack(lambda wc: study_inputs(wc.encoder, wc.layer, wc.dataset, wc.study)),
+        check=rules.study_check.output[0],
     output:
         record=f"{STUDY}/{{study}}.json",
         figure=report(
@@ -84,25 +101,14 @@ rule study:
         study="conditioned|ood|augment|adversarial|interpolate|manipulate|trunk-head",
         layer="trunk|head|both",
     params:
-        out=lambda wc: STUDY.format(**wc),
-        encoder=lambda wc: f"{encoder_args(wc.encoder)} --encoder-name {wc.encoder}",
-        layer=lambda wc: opts(layer=None if wc.layer == "both" else wc.layer),
-        head=lambda wc, input: opts(
-            head_checkpoint=input.head_checkpoint or None,
-            head_model_flags=input.head_flags or None,
-            head_features=input.head_features or None,
-        ),
-        probe=lambda wc, input: opts(probe=input.probe or None, classifier=input.classifier or None),
-        opts=lambda wc: " ".join([STUDY_OPTS, STUDIES["extra_args"].get(wc.study, "")]),
+        cmd=lambda wc: study_command(wc.encoder, wc.layer, wc.dataset, wc.study),
     threads: rule_threads("study")
     resources:
         **rule_resources("study"),
-        run_opts=run_opts(trust="--trust-checkpoint", batch_size=STUDIES["batch_size"]),
+        run_opts=STUDY_RUN,
     retries: rule_retries("study")
     shell:
-        "rcdm study {wildcards.study} --checkpoint {input.checkpoint} --model-flags {input.flags} {params.head} "
-        "{params.encoder} {params.layer} --images {input.images} --features {input.features} "
-        "{params.probe} {params.opts} {resources.run_opts} --out {params.out} > {log} 2>&1"
+        "{params.cmd} {resources.run_opts} > {log} 2>&1"
 
 
 localrules:

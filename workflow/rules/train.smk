@@ -70,8 +70,7 @@ rule train_check:
         run_opts=TRAIN_RUN,
     localrule: True
     shell:
-        f"if rcdm train --check {TRAIN_ARGS} > {{log}} 2>&1; then tail -n 1 {{log}} > {{output}}; "
-        "else echo \"$(tail -n 1 {log}) (log: {log})\" >&2; exit 1; fi"
+        check_shell(f"rcdm train --check {TRAIN_ARGS}")
 
 
 rule train:
