@@ -295,6 +295,7 @@ FAIL_AT_START = {
     "sample shards": ({"sample.shards": 20}, "sample.shards: 20", "at most 8"),
     "extract shards": ({"data.val.shards": 17}, "data.val.shards", "at most 16"),
     "batch": ({"train.batch_size": 200}, "train.batch_size: 200", "fewer than one batch"),
+    "tradeoff": ({"tradeoff.run": True, "tradeoff.num_cond": 17}, "tradeoff.num_cond: 17", "at most 16"),
 }
 
 

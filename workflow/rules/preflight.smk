@@ -73,6 +73,12 @@ def preflight_checks() -> None:
             f"sample.shards: {shards} sampling jobs for {conditionings or sizes['val']} conditionings; lower "
             f"sample.shards to at most {conditionings or sizes['val']}."
         )
+    tradeoff = config["tradeoff"]
+    if tradeoff["run"] and tradeoff["num_cond"] > sizes["val"]:
+        raise WorkflowError(
+            f"tradeoff.num_cond: {tradeoff['num_cond']} but data.val has {sizes['val']} images; lower "
+            f"tradeoff.num_cond to at most {sizes['val']}."
+        )
     ood = config["ood"]["num_images"]
     for name in config["data"]["ood"]:
         if ood and ood > sizes[name]:
