@@ -216,7 +216,7 @@ def test_grouping_the_shard_rules_would_cut_submissions(tmp_path):
     """A dry run of config/imagenet.yaml through the profile (no cluster needed): 1,031 sbatch submissions as
     the profile stands; with the shard rules grouped 8 per submission, 266. The profile does not group (the
     test below shows why): this states what grouping would save."""
-    for split, n in {"train": 256, "val": 50}.items():  # as tests/test_workflow.py: empty files stand in
+    for split, n in {"train": 256, "val": 128}.items():  # as tests/test_workflow.py: empty files stand in
         (tmp_path / split).mkdir()
         for i in range(n):
             (tmp_path / split / f"{i:05d}.JPEG").touch()

@@ -204,7 +204,7 @@ def test_multi_node_training_launch(tmp_path):
 def test_imagenet_config_builds_the_full_dag(tmp_path):
     """The paper's setting: 4 SSL encoders x trunk/head + supervised, sharded; weights come by fetch jobs."""
     # the cluster's ImageNet folders stood in for by folders of empty files (DAG-time checks count names only)
-    folders = {"train": 256, "val": 50}  # one batch; one image per sampling shard
+    folders = {"train": 256, "val": 128}  # one batch; tradeoff.num_cond (>= one image per sampling shard)
     for split, n in folders.items():
         (tmp_path / split).mkdir()
         for i in range(n):

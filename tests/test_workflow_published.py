@@ -19,7 +19,7 @@ def test_published_config_plans_no_training(tmp_path):
     """config/published.yaml: the nine published RCDMs sampled, evaluated, studied and tabulated as trained
     ones are, with no training job (nor the train set's images or features) in the DAG."""
     # the cluster's ImageNet folders stood in for by folders of empty files (DAG-time checks count names only)
-    folders = {"train": 64, "val": 50}  # one image per extraction shard (nothing trains), per sampling shard
+    folders = {"train": 64, "val": 128}  # one image per extraction shard (nothing trains); tradeoff.num_cond
     for split, n in folders.items():
         (tmp_path / split).mkdir()
         for i in range(n):
