@@ -149,7 +149,8 @@ def test_every_stage_is_a_rule_and_its_resources_key(tmp_path):
     stages = stage_names()
     mem = {stage: 1000 + i for i, stage in enumerate(stages)}
     resources = {stage: {"mem_mb": mem[stage]} for stage in stages}
-    cfg = write_config(tmp_path, "micro.yaml", **{"tradeoff.run": True, "resources": resources})
+    change = {"tradeoff.run": True, "tradeoff.num_cond": 16, "resources": resources}  # 16 val images in micro
+    cfg = write_config(tmp_path, "micro.yaml", **change)
     proc = snakemake("-n", "--configfile", str(cfg), "--set-resources", "sample:runtime=77", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     planned: dict[str, set[str]] = {}
