@@ -43,7 +43,7 @@ import torch
 
 from rcdm.formats import hdf5
 from rcdm.formats.metrics_csv import COLUMNS
-from rcdm.formats.npz import iter_npz_array, npz_array_shape, read_npz_meta
+from rcdm.formats.npz import iter_npz_array, npz_sample_count, read_npz_meta
 from rcdm.io import atomic_path, sha256_file
 from rcdm.metrics import (
     RunningStats,
@@ -345,7 +345,7 @@ def evaluate(
     """
     s = replace(settings if settings is not None else EvalSettings(), **overrides)
     samples = Path(samples)
-    n = _check_samples(samples)
+    n = npz_sample_count(samples)
     meta = read_npz_meta(samples)
     ev = Evaluation()
     ev.values.update(describe_sample_set(samples, n, meta))
@@ -410,14 +410,6 @@ def sample_labels(meta: dict[str, Any], s: EvalSettings) -> tuple[np.ndarray | N
     if len(cond_index) and int(cond_index.max()) >= len(labels):
         return None, f"{why}: cond_index up to {int(cond_index.max())} but {path} has {len(labels)} images"
     return labels[cond_index], None
-
-
-def _check_samples(samples: Path) -> int:
-    """The number of samples in ``samples``; its ``arr_0`` must be uint8 [N, H, W, 3]."""
-    shape, dtype = npz_array_shape(samples)
-    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
-        raise ValueError(f"{samples}: arr_0 is {dtype} {shape}, expected uint8 [N, H, W, 3]")
-    return int(shape[0])
 
 
 def describe_sample_set(samples: Path, n: int, meta: dict[str, Any]) -> dict[str, Any]:

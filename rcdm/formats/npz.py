@@ -95,6 +95,14 @@ def npz_array_shape(path: str | os.PathLike, key: str = "arr_0") -> tuple[tuple[
     return tuple(shape), dtype
 
 
+def npz_sample_count(path: str | os.PathLike) -> int:
+    """The number of images in an ADM sample file; its ``arr_0`` must be uint8 [N, H, W, 3] (ValueError)."""
+    shape, dtype = npz_array_shape(path)
+    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
+        raise ValueError(f"{path}: arr_0 is {dtype} {shape}, expected uint8 [N, H, W, 3]")
+    return int(shape[0])
+
+
 def iter_npz_array(
     path: str | os.PathLike, key: str = "arr_0", chunk: int = CHUNK_ROWS
 ) -> Iterator[np.ndarray]:

@@ -20,10 +20,9 @@ from rcdm.device import DEVICE_HELP, default_workers, resolve_device
 from rcdm.errors import CHECK_HELP, EXIT_PERMANENT, REFETCH, check_passed, reading
 from rcdm.formats import hdf5
 from rcdm.formats.metrics_csv import write_metrics_csv
-from rcdm.formats.npz import npz_array_shape, read_npz_meta
+from rcdm.formats.npz import npz_sample_count, read_npz_meta
 from rcdm.inception import InceptionWeightsMissing, inception_weights_path, load_inception
 from rcdm.scoring import FID_SEED, REFERENCE_SEED, EvalSettings, evaluate, load_reference_stats
-from rcdm.scoring import _check_samples as check_samples
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,13 +110,12 @@ def _settings(args, device, encoder, encoder_missing: str, inception, inception_
     )  # fmt: skip
 
 
-def _check_inputs(args: argparse.Namespace) -> dict[str, Any]:
+def _check_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     """Every input file read once, before any work: a missing or broken one is an InputFileError naming it.
-    Returns the samples' settings."""
+    Returns the samples' settings and their number."""
     with reading(args.samples):
-        npz_array_shape(args.samples)
+        n = npz_sample_count(args.samples)  # uint8 [N, H, W, 3]
         settings = read_npz_meta(args.samples)["settings"]
-        check_samples(Path(args.samples))  # uint8 [N, H, W, 3]
     if args.features:
         with reading(args.features):
             hdf5.check_features_file(args.features, deep=False)
@@ -128,12 +126,12 @@ def _check_inputs(args: argparse.Namespace) -> dict[str, Any]:
     if args.reference_stats:
         with reading(args.reference_stats, fix="delete it and make it again, or give --reference-images"):
             load_reference_stats(args.reference_stats)
-    return settings
+    return settings, n
 
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device("cpu") if args.check else resolve_device(args.device)
-    settings = _check_inputs(args)
+    settings, n = _check_inputs(args)
     try:
         with reading(inception_weights_path(args.weights_dir), fix=REFETCH, keep=(InceptionWeightsMissing,)):
             inception, inception_missing = load_inception(args.weights_dir, device=device), ""
@@ -151,7 +149,6 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         fid = "FID/IS skipped (no Inception weights)" if inception is None else "FID/IS with Inception"
         rep = "FD_rep and rank skipped" if encoder is None else f"FD_rep and rank with {encoder.encoder_name}"
-        n = check_samples(Path(args.samples))
         return check_passed("evaluate", f"{args.samples} ({n} samples); {fid}; {rep}")
     ev = evaluate(
         args.samples, _settings(args, device, encoder, encoder_missing, inception, inception_missing)
