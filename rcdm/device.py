@@ -31,11 +31,15 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity on Linux, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def default_workers(cap: int = 4) -> int:
     """Worker processes/threads for data loading: ``cap``, never more than the CPUs this process may use
     (DataLoader warns, and slows down, when asked for more workers than cores)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cap, cores))
+    return max(1, min(cap, usable_cpus()))

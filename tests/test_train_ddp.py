@@ -1,13 +1,17 @@
 import csv
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from test_train import FLAGS, write_pair
 
-from rcdm.distributed import first_host, slurm_to_torch_env
+from rcdm.device import usable_cpus
+from rcdm.distributed import first_host, rank_threads, slurm_to_torch_env
 from rcdm.stages.train import TrainConfig, Trainer
 
 
@@ -78,3 +82,33 @@ def test_slurm_environment_translation():
     assert slurm_to_torch_env({**env, "SLURM_STEP_NUM_TASKS": "1"}) == {}  # a one-task srun step
     assert slurm_to_torch_env({**env, "RANK": "0", "WORLD_SIZE": "8"}) == {}  # torchrun wins
     assert slurm_to_torch_env({"SLURM_NTASKS": "4"}) == {}  # no task id: not inside srun
+
+
+def test_rank_threads_share_the_job_cpus():
+    snakemake_job = {"OMP_NUM_THREADS": "8", "MKL_NUM_THREADS": "8", "SLURM_CPUS_PER_TASK": "8"}
+    assert rank_threads(snakemake_job, 8, affinity=64) == 1  # 8 processes, 8 CPUs: not 8 x 8 threads
+    assert rank_threads(snakemake_job, 2, affinity=64) == 4
+    assert rank_threads({"SLURM_CPUS_PER_TASK": "64"}, 8, affinity=128) == 8  # the step's, not the node's
+    assert rank_threads({}, 2, affinity=16) == 8
+    assert rank_threads({"OMP_NUM_THREADS": "1"}, 2, affinity=16) == 1  # torchrun's default, or the user's
+    assert rank_threads({"OMP_NUM_THREADS": "3"}, 4, affinity=2) == 1  # never below one
+    assert rank_threads({"OMP_NUM_THREADS": ""}, 1, affinity=6) == 6
+
+
+def test_torchrun_processes_take_their_share_of_the_rule_threads(tmp_path):
+    """Snakemake exports a rule's threads as OMP_ and MKL_NUM_THREADS for the whole job; under torchrun each
+    process must use its share, or two processes on two CPUs run many times slower (MKL's threads spin)."""
+    img, feat, _, _ = write_pair(tmp_path)
+    flags = tmp_path / "flags.json"
+    flags.write_text(json.dumps({**FLAGS, "dropout": 0.0}))
+    env = {**os.environ, **{f"{lib}_NUM_THREADS": "2" for lib in ("OMP", "MKL", "OPENBLAS", "NUMEXPR")}}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "rcdm",
+           "train", "--images", str(img), "--features", str(feat), "--model-flags", str(flags),
+           "--out", str(out), "--steps", "2", "--batch-size", "4", "--workers", "0", "--no-progress",
+           "--device", "cpu"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["processes"] == 2
+    assert summary["cpu_threads_per_process"] == min(2, max(1, usable_cpus() // 2))

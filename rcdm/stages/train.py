@@ -799,6 +799,7 @@ class Trainer:
             "step": self.step, "reason": reason, "ema_rates": self.ema.rates,
             "files": [p.name for p in files], "model_flags": self.flags,
             "seconds_this_process": time.perf_counter() - started,
+            "processes": self.ctx.world_size, "cpu_threads_per_process": torch.get_num_threads(),
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "checkpoint_dir": str(self.ckpt_dir), "identity_sha256": self.identity_sha256,
             "identity": self.identity, "images": self.cfg.images, "features": self.cfg.features,
