@@ -129,7 +129,10 @@ def _start_snakemake(snakefile: Path, tmp_path: Path) -> tuple[subprocess.Popen,
     """Snakemake (5-minute job limit) in the background, once its job runs: (process, SLURM job id)."""
     cmd = [sys.executable, "-m", "snakemake", "-s", str(snakefile), "-d", str(tmp_path), *PLUGIN_FLAGS]
     cmd[cmd.index("runtime=1")] = "runtime=5"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # SIGINT as in a terminal: a shell without job control starts background commands with SIGINT ignored,
+    # the child would inherit that, and Python installs no KeyboardInterrupt handler then
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 120
     while time.time() < deadline and not any(line.endswith("RUNNING") for line in _jobs()):
         time.sleep(2)
@@ -146,7 +149,16 @@ def test_sigint_to_snakemake_cancels_its_job(cluster, data, tmp_path):
     proc, job = _start_snakemake(snakefile, tmp_path)
     try:
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(
+                "Snakemake still ran 120 s after SIGINT:\n"
+                + proc.communicate()[0][-4000:]
+                + "\n"
+                + "\n".join(_jobs())
+            )
         deadline = time.time() + 60
         while time.time() < deadline and any(line.startswith(job + " ") for line in _jobs()):
             time.sleep(2)
