@@ -102,17 +102,19 @@ def slurm_to_torch_env(environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def rank_threads(environ: Mapping[str, str], local_world_size: int, affinity: int) -> int:
-    """CPU threads for one of ``local_world_size`` processes sharing a node: their share of the CPUs the
-    job step gave (``SLURM_CPUS_PER_TASK``, else the ``affinity`` CPUs this process may run on), never more
-    than ``OMP_NUM_THREADS`` when it is set.
+def rank_threads(environ: Mapping[str, str], world_size: int, affinity: int) -> int:
+    """CPU threads for one process of a ``world_size`` group: its share of the CPUs the job step gave
+    (``SLURM_CPUS_PER_TASK``, else the ``affinity`` CPUs it may run on) among the processes that share them
+    (torchrun's ``LOCAL_WORLD_SIZE``; one under srun with CPUs per task; else, not knowing, the whole group),
+    never more than ``OMP_NUM_THREADS`` when it is set.
 
     Snakemake exports the rule's ``threads`` as OMP_NUM_THREADS *and* MKL_NUM_THREADS, OPENBLAS_NUM_THREADS,
     ... for the whole job; each torchrun process would take them all. Two gloo processes on 2 CPUs ran 0.9
     steps/s so (MKL_NUM_THREADS=2 each), against 11.5 with one thread each.
     """
-    cpus = int(environ.get("SLURM_CPUS_PER_TASK") or affinity)
-    share = max(1, cpus // max(1, local_world_size))
+    per_task = environ.get("SLURM_CPUS_PER_TASK")
+    sharing = int(environ.get("LOCAL_WORLD_SIZE") or (1 if per_task else world_size))
+    share = max(1, int(per_task or affinity) // max(1, sharing))
     omp = environ.get("OMP_NUM_THREADS", "")
     return min(share, int(omp)) if omp.isdigit() and int(omp) > 0 else share
 
@@ -133,8 +135,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
         torch.cuda.set_device(dev)
     if world <= 1:
         return DistContext(device=dev)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or _tasks_on_this_node(os.environ, world)
-    torch.set_num_threads(rank_threads(os.environ, local_world, usable_cpus()))
+    torch.set_num_threads(rank_threads(os.environ, world, usable_cpus()))
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
         for key in ("MASTER_ADDR", "MASTER_PORT"):
@@ -149,13 +150,6 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
         )
     cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
     return DistContext(rank, world, local_rank, dev, backend, cpu_group)
-
-
-def _tasks_on_this_node(environ: Mapping[str, str], world: int) -> int:
-    """Processes of the group on this node when torchrun did not say (srun: one task per CPU share)."""
-    if environ.get("SLURM_CPUS_PER_TASK"):
-        return 1  # srun gave this task its own CPUs
-    return world
 
 
 def cleanup(ctx: DistContext) -> None:

@@ -86,12 +86,15 @@ def test_slurm_environment_translation():
 
 def test_rank_threads_share_the_job_cpus():
     snakemake_job = {"OMP_NUM_THREADS": "8", "MKL_NUM_THREADS": "8", "SLURM_CPUS_PER_TASK": "8"}
-    assert rank_threads(snakemake_job, 8, affinity=64) == 1  # 8 processes, 8 CPUs: not 8 x 8 threads
-    assert rank_threads(snakemake_job, 2, affinity=64) == 4
-    assert rank_threads({"SLURM_CPUS_PER_TASK": "64"}, 8, affinity=128) == 8  # the step's, not the node's
-    assert rank_threads({}, 2, affinity=16) == 8
-    assert rank_threads({"OMP_NUM_THREADS": "1"}, 2, affinity=16) == 1  # torchrun's default, or the user's
-    assert rank_threads({"OMP_NUM_THREADS": "3"}, 4, affinity=2) == 1  # never below one
+    local = {"LOCAL_WORLD_SIZE": "8"}  # torchrun: 8 processes on this node of a 32-process group
+    assert rank_threads({**snakemake_job, **local}, 32, affinity=64) == 1  # 8 CPUs: not 8 x 8 threads
+    assert rank_threads({**snakemake_job, "LOCAL_WORLD_SIZE": "2"}, 2, affinity=64) == 4
+    assert rank_threads({"SLURM_CPUS_PER_TASK": "64", **local}, 8, affinity=128) == 8  # the step's CPUs
+    assert rank_threads({"SLURM_CPUS_PER_TASK": "6"}, 16, affinity=128) == 6  # srun: each task its own CPUs
+    assert rank_threads({"LOCAL_WORLD_SIZE": "2"}, 2, affinity=16) == 8
+    assert rank_threads({}, 4, affinity=16) == 4  # nothing says who shares: the whole group
+    assert rank_threads({"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2"}, 2, affinity=16) == 1  # torchrun's
+    assert rank_threads({"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "4"}, 4, affinity=2) == 1  # at least 1
     assert rank_threads({"OMP_NUM_THREADS": ""}, 1, affinity=6) == 6
 
 
