@@ -10,6 +10,7 @@ import torch
 from test_data import build_odd_folder
 from torch import nn
 
+from rcdm import finished
 from rcdm.cli import main as cli_main
 from rcdm.data import BadImageError, open_dataset
 from rcdm.formats import hdf5 as hs
@@ -460,3 +461,38 @@ def test_read_rows_equals_fancy_indexing_for_any_order(tmp_path):
             )
         with pytest.raises(IndexError):
             hs.read_rows(h5["features"], [50])
+
+
+def test_a_deleted_finished_shard_is_linked_back_from_its_kept_copy(tmp_path):
+    """What the retry of a failed grouped job does (rcdm.finished): Snakemake deleted the finished shard's
+    outputs; the rerun links them back from the keep folder without loading the encoder, and a kept copy
+    made with other settings is dropped and the shard made again."""
+    source = open_dataset("shapes", "val", num_images=6, native_size=16)
+    keep = tmp_path / ".finished" / "run"
+    features = {"trunk": tmp_path / "t.h5", "head": tmp_path / "h.h5"}
+    kw = dict(image_size=8, features_out=features, encoder_name="tiny", shard=1, num_shards=2)
+    job = _job(source, tmp_path, **kw)
+    summary = run_extraction(job, lambda layers: FakePair(), progress=False, keep_finished=keep)
+    assert len(summary.written) == 3
+    for path in summary.written:
+        assert os.path.samefile(path, finished.kept_path(path, keep))
+        path.unlink()
+
+    def must_not_load(layers):
+        raise AssertionError("encoder loaded although the kept copies were complete")
+
+    again = run_extraction(job, must_not_load, progress=False, keep_finished=keep)
+    assert again.written == [] and sorted(again.skipped) == sorted(summary.written)
+    for path in summary.written:
+        assert os.path.samefile(path, finished.kept_path(path, keep))
+        hs.check_file(path)
+
+    images = hs.part_path(tmp_path / "img.h5", 1, 2)
+    images.unlink()
+    other = _job(source, tmp_path, image_size=12, shard=1, num_shards=2)  # another resolution
+    redone = run_extraction(other, progress=False, keep_finished=keep)
+    assert redone.written == [images] and hs.check_file(images)["image_size"] == 12
+    assert os.path.samefile(images, finished.kept_path(images, keep))  # the new one is kept instead
+    one = _job(source, tmp_path / "one", image_size=8, num_shards=1)
+    run_extraction(one, progress=False, keep_finished=keep)  # one shard: nothing to restore, nothing kept
+    assert not finished.kept_path(tmp_path / "one" / "img.h5", keep).exists()

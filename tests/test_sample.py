@@ -1,5 +1,6 @@
 import argparse
 import json
+import os
 import zipfile
 
 import h5py
@@ -8,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from rcdm import finished
 from rcdm.conditioning import noise_seed
 from rcdm.errors import InputFileError
 from rcdm.formats import hdf5
@@ -334,3 +336,40 @@ def test_merge_without_the_conditioning_images_fails_before_writing(setup, tmp_p
     gone = tmp_path / "gone.h5"
     assert len(err) == 1 and f"{gone}: conditioning images file not found; pass --images" in err[0]
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_a_deleted_finished_shard_is_linked_back_from_its_kept_copy(setup, tmp_path, monkeypatch):
+    """The retry of a failed grouped job (rcdm.finished): with $RCDM_FINISHED set (the workflow's folder for
+    this run), a finished shard is kept there; deleted, it is linked back on the rerun without loading the
+    model. A new run (another folder) or other settings make it again; the merge forgets the copies."""
+    from rcdm import checkpoint
+
+    root, _ = setup
+    out = tmp_path / "s.h5"
+    loads = []
+    real_load = checkpoint.load_model
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    monkeypatch.setenv("RCDM_FINISHED", str(tmp_path / ".finished" / "run-a"))
+    for shard in range(2):
+        assert sample_mod.run(_args(root, out, shard=shard, num_shards=2)) == 0
+    parts = [hdf5.part_path(out, shard, 2) for shard in range(2)]
+    run_a, run_b = tmp_path / ".finished" / "run-a", tmp_path / ".finished" / "run-b"
+    assert all(os.path.samefile(p, finished.kept_path(p, run_a)) for p in parts)
+    made = parts[1].read_bytes()
+
+    def run_shard_1(**kw) -> int:
+        """Delete shard 1 (as Snakemake does), run it again; how often the model was loaded."""
+        parts[1].unlink()
+        before = len(loads)
+        assert sample_mod.run(_args(root, out, shard=1, num_shards=2, **kw)) == 0
+        return len(loads) - before
+
+    assert run_shard_1() == 0  # linked back
+    assert parts[1].read_bytes() == made and os.path.samefile(parts[1], finished.kept_path(parts[1], run_a))
+    monkeypatch.setenv("RCDM_FINISHED", str(run_b))  # a new run of the main Snakemake
+    assert run_shard_1() == 1
+    assert run_shard_1(seed=8) == 1  # run-b's copy was made with seed 7: dropped, made again, kept
+    assert check_samples_file(finished.kept_path(parts[1], run_b))["settings"]["seed"] == 8
+    assert run_shard_1() == 1
+    _merge(out, 2, tmp_path / "s.npz", grid=False)
+    assert not [p for p in (tmp_path / ".finished").rglob("*") if p.is_file()]  # the merge forgot them all

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from rcdm import finished
 from rcdm.data import BAD_IMAGE_POLICIES, BadImageError, ImageSource, open_dataset_input
 from rcdm.device import DEVICE_HELP, default_workers, resolve_device
 from rcdm.errors import CHECK_HELP, REFETCH, InputFileError, check_passed, reading
@@ -154,15 +155,18 @@ def _merged_final(job: ExtractJob, out: Output) -> Path | None:
     return final
 
 
-def pending_outputs(job: ExtractJob) -> list[Output]:
+def pending_outputs(job: ExtractJob, keep_dir: Path | None = None) -> list[Output]:
     """The outputs of ``job`` still to write; finished ones with matching settings are skipped (logged).
 
-    A shard counts as finished when its part exists, or when the final file merged from all parts does. An
-    existing file made with other settings, or a broken one, raises ``FileExistsError`` naming the
+    A shard counts as finished when its part exists, or when the final file merged from all parts does, or
+    when ``keep_dir`` holds a copy of its part made with these settings (:mod:`rcdm.finished`: linked back).
+    An existing file made with other settings, or a broken one, raises ``FileExistsError`` naming the
     differences: delete it (or pick another name) to redo it.
     """
     todo = []
     for out in job.outputs():
+        if keep_dir is not None and job.num_shards > 1:
+            finished.restore(out.path, keep_dir, lambda kept, out=out: _made_with(kept, out))
         if not out.path.exists():
             merged = _merged_final(job, out)
             if merged is None:
@@ -181,6 +185,15 @@ def pending_outputs(job: ExtractJob) -> list[Output]:
             raise FileExistsError(f"{out.path} exists with other settings ({diff}); delete it to redo it")
         log.info("%s is already complete (%d images): nothing to do for it", out.path, found["num_images"])
     return todo
+
+
+def _made_with(path: Path, out: Output) -> bool:
+    """Whether ``path`` is a complete file of ``out``'s kind and settings (False when it is broken)."""
+    try:
+        found = hs.check_file(path, deep=False)
+    except (hs.H5SchemaError, OSError, KeyError):
+        return False
+    return found.get("kind") == out.kind and not _identity_diff(found, out.attrs)
 
 
 # --------------------------------------------------------------------------------------- data loading
@@ -316,6 +329,7 @@ def run_extraction(
     device: str = "auto",
     on_bad_image: str = "skip",
     progress: bool = True,
+    keep_finished: Path | None = None,
 ) -> ExtractSummary:
     """Produce the pending outputs of ``job`` in one pass over its slice; return what happened.
 
@@ -323,12 +337,19 @@ def run_extraction(
     module: ``load(...)`` for one layer, ``load_pair(...)`` for ``["trunk", "head"]``. Phases: what is
     still to do (:func:`pending_outputs`), the encoder and the loader, the writers, the encode loop
     (:func:`_encode_loop`), then the final attributes (:func:`_finish_outputs`) and the renames.
+    ``keep_finished`` (shards only): a folder where every finished output is kept, and found again
+    (:mod:`rcdm.finished`).
     """
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
     summary = ExtractSummary()
-    todo = pending_outputs(job)
+    keep_dir = keep_finished if job.num_shards > 1 else None
+    todo = pending_outputs(job, keep_dir)
     summary.skipped = [o.path for o in job.outputs() if o not in todo]
+    if keep_dir is not None:  # the outputs already there: kept too (a hard link costs nothing)
+        for path in summary.skipped:
+            if path.exists():
+                finished.keep(path, keep_dir)
     if not todo:
         log.info(
             "extract %s/%s shard %d/%d: every output is already complete",
@@ -356,6 +377,9 @@ def run_extraction(
         _check_against_images(job, feature_outs, images_out, paths_sha, summary.num_images)
         _finish_outputs(files, todo, encoder, dims, summary, paths_sha)
     summary.written = [o.path for o in todo]
+    if keep_dir is not None:
+        for path in summary.written:
+            finished.keep(path, keep_dir)
     summary.seconds = time.perf_counter() - t0
     _log_summary(job, summary)
     return summary
@@ -600,6 +624,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Before 0.3 the default was bf16 on CUDA and --no-autocast selected fp32, which is now the default.
     r.add_argument("--no-autocast", action="store_true", help=argparse.SUPPRESS)
     r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--keep-finished", type=Path, metavar="DIR", help=finished.KEEP_HELP)
     r.add_argument("--check", action="store_true", help=f"{CHECK_HELP} (no image encoded)")
 
 
@@ -680,6 +705,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             on_bad_image=args.on_bad_image,
             progress=not args.no_progress,
+            keep_finished=finished.keep_dir(args.keep_finished),
         )
     except FileExistsError as err:  # an existing output made otherwise, or broken: it names it and the fix
         raise SystemExit(f"rcdm extract: error: {err}") from None

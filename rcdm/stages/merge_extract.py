@@ -19,6 +19,7 @@ from typing import Any
 import h5py
 from tqdm import tqdm
 
+from rcdm import finished
 from rcdm.errors import InputFileError, reading
 from rcdm.formats import hdf5 as hs
 from rcdm.io import atomic_path
@@ -206,6 +207,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--delete-parts", action="store_true", help="remove the parts after a successful merge"
     )
     parser.add_argument("--quick", action="store_true", help="skip re-hashing paths and NaN scans of parts")
+    parser.add_argument("--forget-finished", type=Path, metavar="ROOT", help=finished.FORGET_HELP)
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -228,6 +230,8 @@ def run(args: argparse.Namespace) -> int:
         raise
     except MergeError as err:  # the parts as a whole (shard numbers, coverage): one line
         raise SystemExit(f"rcdm merge-extract: error: {err}") from None
+    if (root := finished.forget_root(args.forget_finished)) is not None:
+        log.info("forgot %d kept copies of the parts", finished.forget(parts, root))
     if args.delete_parts:
         for p in parts:
             Path(p).unlink()

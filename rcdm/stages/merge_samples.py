@@ -16,6 +16,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from rcdm import finished
 from rcdm.errors import InputFileError, reading
 from rcdm.formats import hdf5
 from rcdm.formats.npz import write_npz
@@ -116,6 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--images", help="images file holding the conditioning images (default: from settings)"
     )
+    parser.add_argument("--forget-finished", type=Path, metavar="ROOT", help=finished.FORGET_HELP)
 
 
 def shard_fix(path: Path, shard: int, num_shards: int) -> str:
@@ -167,4 +169,7 @@ def run(args: argparse.Namespace) -> int:
         grid = sample_grid(paths, rows=args.grid_rows, cols=args.grid_cols, images_file=args.images)
         save_png(grid_path, grid)
         print(grid_path, file=sys.stderr)
+    if (root := finished.forget_root(args.forget_finished)) is not None:
+        forgot = finished.forget(paths, root)
+        print(f"rcdm merge-samples: forgot {forgot} kept copies of the shards", file=sys.stderr)
     return 0

@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 import torch
 
+from rcdm import finished
 from rcdm.conditioning import (
     SEED_RULE,
     FeatureConditioning,
@@ -239,6 +240,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shard", type=int, default=0)
     g.add_argument("--num-shards", type=int, default=1)
     g.add_argument("--overwrite", action="store_true", help="recompute even a complete shard")
+    g.add_argument("--keep-finished", type=Path, metavar="DIR", help=finished.KEEP_HELP)
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--check", action="store_true", help=CHECK_HELP + " (every shard of --num-shards)")
 
@@ -319,14 +321,19 @@ def run(args: argparse.Namespace) -> int:
         "shard": args.shard,
         "num_shards": args.num_shards,
     }
+    keep_dir = finished.keep_dir(args.keep_finished) if args.num_shards > 1 and not args.check else None
+    may_restore = keep_dir is not None and not args.overwrite
+    if may_restore and finished.restore(out, keep_dir, lambda kept: _made_with(kept, settings)):
+        print(f"rcdm sample: {out} restored from {finished.kept_path(out, keep_dir)}", file=sys.stderr)
     if out.exists() and not args.overwrite and not args.check:
-        # Everything else in the stored settings follows from these (and the checkpoint / conditioning).
         with reading(out):  # this job's own earlier output
             stored = read_settings(out)
-        if all(stored.get(k) == json.loads(json.dumps(v)) for k, v in settings.items()):
+        if _settings_equal(stored, settings):
             with reading(out):
                 check_samples_file(out)
             print(f"rcdm sample: {out} is complete, skipping", file=sys.stderr)
+            if keep_dir is not None:
+                finished.keep(out, keep_dir)
             print(out)
             return 0
 
@@ -356,5 +363,25 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
     finally:
         cond.close()
+    if keep_dir is not None:
+        finished.keep(out, keep_dir)
     print(out)
     return 0
+
+
+def _settings_equal(stored: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """Whether a shard file's stored settings are ``settings`` (everything else in them follows from these,
+    the checkpoint and the conditioning)."""
+    return all(stored.get(k) == json.loads(json.dumps(v)) for k, v in settings.items())
+
+
+def _made_with(path: Path, settings: dict[str, Any]) -> bool:
+    """Whether ``path`` is a complete, readable shard file made with ``settings`` (False, not an error, when
+    it is broken: a kept copy that cannot be used is made again)."""
+    try:
+        if not _settings_equal(read_settings(path), settings):
+            return False
+        check_samples_file(path)
+    except (OSError, KeyError, ValueError):
+        return False
+    return True
