@@ -112,6 +112,9 @@ def test_micro_workflow_through_slurm(cluster, tmp_path):
     assert int(row["n_samples"]) == n * cfg["sample"]["samples_per_image"]
     assert 1 / n <= float(row["mrr"]) <= 1
     assert (res / "samples" / "demo" / "trunk" / "val" / "grid.png").stat().st_size > 0
+    # the profile groups the two sampling shards into one submission; the kept copies went with the run
+    assert re.search(r"\] Group job sample_demo_trunk_val \(jobs in lexicogr", out), out[-3000:]
+    assert not (res / ".finished").exists()
 
 
 # ----------------------------------------------------------------------- job arrays (not in the profile)
@@ -174,11 +177,11 @@ def test_plugin_drops_array_jobs_it_is_not_handed_all_of(cluster, tmp_path):
     assert "Submitted array job" not in out and "has been submitted with SLURM jobid" not in out
 
 
-# ------------------------------------------------------------------ grouped jobs (not in the profile)
-# Snakemake job grouping, as a user would switch it on for the shard rules of the workflow: each rule's shards
-# of one set (and model) in a group, `group-components` of them per sbatch submission. `shard_slots` (local
-# scope, 1 per group) makes Snakemake lay the group's jobs out one after another, so a group asks for one
-# shard's GPU, CPUs and memory and the sum of their runtimes; without it Snakemake sums GPUs, threads and
+# ------------------------------------------------------------------------------------------ grouped jobs
+# Snakemake job grouping, as slurm/config.yaml switches it on for the shard rules of the workflow: each rule's
+# shards of one set (and model) in a group, `group-components` of them per sbatch submission. `shard_slots`
+# (local scope, 1 per group) makes Snakemake lay the group's jobs out one after another, so a group asks for
+# one shard's GPU, CPUs and memory and the sum of their runtimes; without it Snakemake sums GPUs, threads and
 # memory over the group (8 one-GPU shards: --gpus=8) while the plugin's in-job Snakemake runs them one at a
 # time anyway (`--jobs 1`).
 SHARD_RULES = {
@@ -212,10 +215,10 @@ def local_rules() -> set[str]:
     return names
 
 
-def test_grouping_the_shard_rules_would_cut_submissions(tmp_path):
-    """A dry run of config/imagenet.yaml through the profile (no cluster needed): 1,031 sbatch submissions as
-    the profile stands; with the shard rules grouped 8 per submission, 266. The profile does not group (the
-    test below shows why): this states what grouping would save."""
+def test_grouping_the_shard_rules_cuts_submissions(tmp_path):
+    """A dry run of config/imagenet.yaml through the profile (no cluster needed): 1,031 cluster jobs, each
+    its own sbatch submission ungrouped; the profile groups the 897 shards 8 per submission: 266 submissions
+    (132 group jobs and 134 other jobs). The groups are those of group_flags below."""
     for split, n in {"train": 256, "val": 128}.items():  # as tests/test_workflow.py: empty files stand in
         (tmp_path / split).mkdir()
         for i in range(n):
@@ -240,9 +243,13 @@ def test_grouping_the_shard_rules_would_cut_submissions(tmp_path):
         return cluster, shards, cluster - (shards if groups else 0) + len(groups)
 
     profile = yaml.safe_load((ROOT / "slurm" / "config.yaml").read_text())
-    assert not {"groups", "group-components"} & set(profile)
-    assert submissions() == (1031, 897, 1031)
-    assert submissions(*group_flags(SHARD_RULES, 8)) == (1031, 897, 266)
+    flags = group_flags(SHARD_RULES, 8)
+    components = flags.index("--group-components")
+    assert profile["groups"] == flags[1:components]
+    assert profile["group-components"] == flags[components + 1 : flags.index("--resources")]
+    assert profile["resources"] == ["shard_slots=1"]
+    assert profile["set-resource-scopes"] == ["shard_slots=local"]
+    assert submissions() == (1031, 897, 266)
 
 
 GROUP_SNAKEFILE = """
@@ -260,13 +267,13 @@ rule shard:
 
 
 def test_group_job_loses_its_finished_shards_when_one_fails(cluster, tmp_path):
-    """Why slurm/config.yaml does not group the shard rules: three one-GPU shards grouped into one submission
-    ask for what one shard needs (--gpus=1, --mem 200) and three shards' runtime (-t 15), and run one after
-    another in that job. But when one of them fails, the whole group fails: the main Snakemake reports every
-    shard as failed (`keep-going` does not apply within a group), deletes the outputs of the shards that had
-    finished, and the shards after the failing one never run (the in-job Snakemake stops at the first error).
-    Ungrouped, the two healthy shards would be kept. The same holds for a group that reaches its time limit;
-    a retry resubmits the whole group, finished shards included."""
+    """Snakemake's side of grouping, why the shard stages keep their finished outputs (rcdm.finished; the test
+    below): three one-GPU shards grouped into one submission ask for what one shard needs (--gpus=1, --mem
+    200) and three shards' runtime (-t 15), and run one after another in that job. But when one of them
+    fails, the whole group fails: the main Snakemake reports every shard as failed (`keep-going` does not
+    apply within a group), deletes the outputs of the shards that had finished, and the shards after the
+    failing one never run (the in-job Snakemake stops at the first error). The same holds for a group that
+    reaches its time limit; a retry resubmits the whole group, finished shards included."""
     (tmp_path / "Snakefile").write_text(GROUP_SNAKEFILE)
     cmd = ["timeout", "-s", "INT", "-k", "10", "300", sys.executable, "-m", "snakemake"]
     cmd += [
@@ -287,10 +294,80 @@ def test_group_job_loses_its_finished_shards_when_one_fails(cluster, tmp_path):
     first = f"out/{order[0]}.txt"
     kept = (tmp_path / first).exists()
     assert not kept, (
-        f"{first} (finished before another shard of its group failed) was kept: grouped jobs may now be "
-        "safe for the shard rules; try the grouping of slurm/config.yaml again"
+        f"{first} (finished before another shard of its group failed) was kept: Snakemake no longer deletes "
+        "a failed group's finished shards; rcdm.finished's kept copies may no longer be needed"
     )
     removed = "Removing output files of failed job shard since they might be corrupted:"
     assert re.search(rf"{removed}\n{re.escape(first)}$", out, flags=re.M), out[-3000:]
     assert out.count("Error in rule shard:") == 3, out[-3000:]  # all three reported failed, one did
     assert proc.returncode == 1, out[-3000:]
+
+
+KEPT_SNAKEFILE = """
+import os
+import uuid
+from rcdm import finished
+
+if workflow.is_main_process:  # as the workflow's Snakefile sets it: a folder per run
+    os.environ[finished.ENV] = os.path.abspath(f".finished/{uuid.uuid4().hex}")
+
+rule all:
+    input: "images.h5"
+
+rule merge:
+    input: [f"images.part-{i:04d}-of-0003.h5" for i in range(3)]
+    output: "images.h5"
+    localrule: True
+    shell: "rcdm merge-extract --out {output} --parts {input} --quick --no-progress 2> merge.log"
+
+rule shard:
+    output: "images.part-{i}-of-0003.h5"
+    log: "logs/{i}.log"
+    resources: mem_mb=500, runtime=5, shard_slots=1
+    retries: 1
+    shell:
+        "echo {wildcards.i} $SLURM_JOB_ID >> order; "
+        "[ -e first_job ] || echo $SLURM_JOB_ID > first_job; "
+        # the second shard to run fails in every try of the group's first submission
+        "if [ $SLURM_JOB_ID = $(cat first_job) ] && [ {wildcards.i} = $(sed -n 2p order | cut -d' ' -f1) ]; "
+        "then exit 3; fi; "
+        "rcdm extract --dataset shapes --split val --num-images 24 --native-size 16 --image-size 8 "
+        "--images-out images.h5 --shard $((10#{wildcards.i})) --num-shards 3 --workers 0 --no-progress "
+        "2> {log}"
+"""
+
+
+def test_group_retry_links_back_the_shards_it_finished(cluster, tmp_path):
+    """What makes grouping safe for the workflow's shard rules: `rcdm extract` shards (as extract_images)
+    grouped into one submission with one retry, the second shard to run failing throughout the first
+    submission. It finishes shard A, then B fails; Snakemake deletes A's output and resubmits the group. The
+    resubmission links A back from the copy it kept in .finished/<run> (no image decoded again), computes B
+    and C, and the merge forgets the copies."""
+    (tmp_path / "Snakefile").write_text(KEPT_SNAKEFILE)
+    cmd = ["timeout", "-s", "INT", "-k", "10", "400", sys.executable, "-m", "snakemake"]
+    cmd += ["--executor", "slurm", *LOCAL_CLUSTER_FLAGS, "--keep-going", "--verbose"]
+    cmd += ["--groups", "shard=shards", "--group-components", "shards=3", "--resources", "shard_slots=1"]
+    cmd += ["--set-resource-scopes", "shard_slots=local"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=460)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    submitted = re.findall(r"has been submitted with SLURM jobid (\d+)", out)
+    assert len(submitted) == 2, out[-3000:]  # the group, then its resubmission
+    runs = [line.split() for line in (tmp_path / "order").read_text().splitlines()]
+    first_try = [shard for shard, job in runs if job == submitted[0]]
+    second_try = [shard for shard, job in runs if job == submitted[1]]
+    finished_first, failing = first_try[0], first_try[1]
+    assert set(first_try[1:]) == {failing} and sorted(second_try) == ["0000", "0001", "0002"], runs
+    removed = "Removing output files of failed job shard since they might be corrupted:"
+    assert re.search(rf"{removed}\nimages.part-{finished_first}-of-0003.h5$", out, flags=re.M), out[-3000:]
+    logs = {shard: (tmp_path / "logs" / f"{shard}.log").read_text() for shard in second_try}
+    (run,) = (tmp_path / ".finished").iterdir()
+    restored = f"images.part-{finished_first}-of-0003.h5 restored from its kept copy {run}/"
+    assert restored in logs[finished_first] and "wrote" not in logs[finished_first]
+    for shard in set(second_try) - {finished_first}:
+        assert "restored" not in logs[shard] and "wrote images.part" in logs[shard], logs[shard]
+    assert not [p for p in run.rglob("*") if p.is_file()]  # the merge forgot them
+    from rcdm.formats import hdf5
+
+    merged = hdf5.check_images_file(tmp_path / "images.h5")
+    assert merged["num_images"] == 24 and merged["merged_parts"] == 3

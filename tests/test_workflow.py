@@ -325,6 +325,26 @@ def test_image_folders_are_counted_at_the_start(tmp_path):
     assert folder in proc.stdout or "extract_images" in proc.stdout
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--groups", "sample=s", "extract_images=e"],  # no shard_slots limit
+        ["--groups", "sample=s", "--resources", "shard_slots=1"],  # global scope: one shard in the cluster
+    ],
+)
+def test_grouped_shards_without_their_one_slot_limit_are_refused(tmp_path, flags):
+    """Grouped shard jobs without `shard_slots=1` (local scope) would each ask for the GPUs of all their
+    shards and use one: the run stops before any job (slurm/config.yaml sets both; a command line's
+    --resources replaces the profile's list)."""
+    cfg = str(write_config(tmp_path, "micro.yaml"))
+    proc = snakemake("--cores", "1", "--configfile", cfg, "--until", "extract_images", *flags, cwd=tmp_path)
+    assert proc.returncode != 0
+    err = proc.stderr + proc.stdout
+    line = next(line for line in err.splitlines() if line.startswith("--groups puts the shard jobs of"))
+    assert "Add shard_slots=1 to --resources and shard_slots=local to --set-resource-scopes" in line, line
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "results").exists()  # nothing ran
+
+
 @pytest.mark.slow
 def test_permanent_train_error_fails_once_in_the_check(tmp_path):
     """A batch larger than the train set (here through extra_args, which the DAG-time checks do not read)
@@ -448,6 +468,7 @@ def test_micro_logs_benchmarks_and_rerun(micro_run):
     micro = str(ROOT / "config" / "micro.yaml")
     proc = snakemake("-n", "--cores", "2", "--configfile", micro, cwd=work)
     assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr
+    assert not (res / ".finished").exists()  # the shards' kept copies (rcdm.finished) went with the run
     # rerunning one stage reruns it and what depends on it, nothing upstream
     proc = snakemake("-n", "--cores", "2", "--configfile", micro, "--forcerun", "evaluate", cwd=work)
     counts = job_counts(proc.stdout)

@@ -19,6 +19,7 @@ rule extract_images:
     threads: rule_threads("extract_images")
     resources:
         **rule_resources("extract_images"),
+        shard_slots=1,  # grouped (SLURM profile): one shard at a time (preflight.smk)
         run_opts=run_opts(**EXTRACT_RUN),
     shell:
         "rcdm extract {params.data} {params.size} {params.out} {params.shard} {params.opts} {resources.run_opts} "

@@ -60,6 +60,7 @@ rule extract_features:
     threads: rule_threads("extract_features")
     resources:
         **rule_resources("extract_features"),
+        shard_slots=1,  # grouped (SLURM profile): one shard at a time (preflight.smk)
         run_opts=FEATURES_RUN,
     retries: rule_retries("extract_features")
     shell:

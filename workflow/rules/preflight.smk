@@ -88,6 +88,25 @@ def preflight_checks() -> None:
             )
 
 
+def grouping_checks() -> None:
+    """Grouped shard jobs (slurm/config.yaml groups them) must ask for one shard's GPU, CPUs and memory and run
+    their shards one after another: the shard rules take one `shard_slots` each, and a group may hold one
+    (`--resources shard_slots=1`, local scope). Without that limit Snakemake asks for the sum over the group's
+    shards (8 one-GPU shards: --gpus=8, 7 of them idle while the shards run one at a time); a command line's
+    --resources or --set-resource-scopes replaces the profile's whole list, dropping it silently. Called by the
+    Snakefile's onstart: the groups are known only once the run starts (not for a dry run)."""
+    grouped = sorted(set(workflow.group_settings.overwrite_groups) & {"extract_images", "extract_features", "sample"})
+    slots = getattr(workflow.resource_settings.resources.get("shard_slots"), "value", None)
+    scope = workflow.resource_settings.overwrite_resource_scopes.get("shard_slots")
+    if grouped and (slots != 1 or scope != "local"):
+        raise WorkflowError(
+            f"--groups puts the shard jobs of {', '.join(grouped)} in groups, but shard_slots is {slots} "
+            f"({scope or 'global'} scope): each group would ask for the GPUs, CPUs and memory of all its shards "
+            "and use one shard's. Add shard_slots=1 to --resources and shard_slots=local to "
+            "--set-resource-scopes (slurm/config.yaml has both; a command line's list replaces the profile's)."
+        )
+
+
 # --lint reads the workflow only (the configuration's folders may live on a cluster): no way to tell it from a run
 # at this point but the command line
 if workflow.is_main_process and "--lint" not in sys.argv:

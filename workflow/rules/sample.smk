@@ -75,6 +75,7 @@ rule sample:
     threads: rule_threads("sample")
     resources:
         **rule_resources("sample"),
+        shard_slots=1,  # grouped (SLURM profile): one shard at a time (preflight.smk)
         run_opts=SAMPLE_RUN,
     retries: rule_retries("sample")
     shell:
