@@ -257,18 +257,25 @@ _REGISTRY: dict[str, DatasetFactory] = {}
 
 
 def register_dataset(name: str, factory: DatasetFactory) -> None:
-    """Register ``factory(split=, num_images=, seed=, native_size=) -> ImageSource`` under ``name``."""
+    """Register ``factory(split=, num_images=, seed=, native_size=, **options) -> ImageSource`` under
+    ``name`` (``options``: the dataset's own settings, e.g. the shapes style; unknown ones are refused)."""
     _REGISTRY[name] = factory
 
 
-def _shapes_factory(split: str, num_images: int | None, seed: int, native_size: int) -> ImageSource:
-    from rcdm.shapes import DEFAULT_SPLIT_SIZES, ShapesSource
+def _shapes_factory(
+    split: str, num_images: int | None, seed: int, native_size: int, **style: Any
+) -> ImageSource:
+    from rcdm.shapes import DEFAULT_SPLIT_SIZES, ShapesSource, Style
 
     n = DEFAULT_SPLIT_SIZES.get(split, DEFAULT_SPLIT_SIZES["val"]) if num_images is None else num_images
-    return ShapesSource(split=split, num_images=n, seed=seed, size=native_size)
+    return ShapesSource(split=split, num_images=n, seed=seed, size=native_size, style=Style(**style))
 
 
-def _photos_factory(split: str, num_images: int | None, seed: int, native_size: int) -> ImageSource:
+def _photos_factory(
+    split: str, num_images: int | None, seed: int, native_size: int, **options: Any
+) -> ImageSource:
+    if options:
+        raise ValueError(f"the photos dataset has no settings {', '.join(sorted(options))}")
     return select_subset(PhotosSource(), num_images, seed)
 
 
@@ -282,15 +289,21 @@ def open_dataset(
     num_images: int | None = None,
     seed: int = 0,
     native_size: int = 64,
+    options: dict[str, Any] | None = None,
 ) -> ImageSource:
     """Resolve a dataset spec: a registered name (``shapes``, ``photos``) or an image folder path.
 
     For folders ``split`` is only recorded (point ``spec`` at the split's folder); ``num_images`` keeps a
-    seeded random subset. For ``shapes``, ``split``/``seed``/``native_size`` define the generated images.
-    Raises ``EmptyDatasetError`` when nothing is found.
+    seeded random subset. For ``shapes``, ``split``/``seed``/``native_size`` and ``options`` (the fields of
+    :class:`rcdm.shapes.Style`) define the generated images. Raises ``EmptyDatasetError`` when nothing is
+    found.
     """
     if spec in _REGISTRY:
-        source = _REGISTRY[spec](split=split, num_images=num_images, seed=seed, native_size=native_size)
+        source = _REGISTRY[spec](
+            split=split, num_images=num_images, seed=seed, native_size=native_size, **(options or {})
+        )
+    elif options:
+        raise ValueError(f"dataset {spec!r} is a folder: it has no settings {', '.join(sorted(options))}")
     elif Path(spec).is_dir():
         source = select_subset(FolderSource(spec), num_images, seed)
     else:

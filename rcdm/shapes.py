@@ -10,7 +10,9 @@ distractor shapes behind it. The recorded generative factors describe the primar
 - ``rotation``: degrees in [0, 360), counter-clockwise (meaningless for circles, periodic for symmetric ones);
 - ``count``: number of shapes in the image (primary included).
 
-Image ``i`` of a split depends only on ``(seed, split, i)``, so any slice renders identically in any shard.
+A :class:`Style` narrows what a set draws (which kinds, how many shapes, how much rotation, how large); the
+default draws everything above. Image ``i`` of a split depends only on ``(seed, split, i)`` and the style, so
+any slice renders identically in any shard.
 Rendering draws at 4x resolution with PIL and box-filters down (antialiased edges).
 """
 
@@ -50,6 +52,62 @@ SUPERSAMPLE = 4
 
 
 @dataclass(frozen=True)
+class Style:
+    """What a shapes set draws: ``kinds`` (names from ``KINDS``), up to ``max_count`` shapes, rotations in
+    ``[0, rotation)`` degrees (0: upright), primary diameters in ``size``. The default style draws what the
+    set always drew (the same images); the demo narrows it so that a 16 px sample can show the kind."""
+
+    kinds: tuple[str, ...] = KINDS
+    max_count: int = 3
+    rotation: float = 360.0
+    size: tuple[float, float] = PRIMARY_SIZE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kinds", tuple(self.kinds))
+        object.__setattr__(self, "size", (float(self.size[0]), float(self.size[1])))
+        unknown = [k for k in self.kinds if k not in KINDS]
+        problems = []
+        if not self.kinds or unknown or len(set(self.kinds)) != len(self.kinds):
+            problems.append(f"kinds {list(self.kinds)} (distinct names from {', '.join(KINDS)})")
+        if self.max_count < 1:
+            problems.append(f"max_count {self.max_count} (at least 1)")
+        if not 0.0 <= self.rotation <= 360.0:
+            problems.append(f"rotation {self.rotation} (degrees in [0, 360])")
+        if not 0.0 < self.size[0] <= self.size[1] <= 1.0:
+            problems.append(f"size {list(self.size)} (0 < min <= max <= 1, fractions of the image side)")
+        if problems:
+            raise ValueError("invalid shapes style: " + "; ".join(problems))
+
+    def attrs(self) -> dict[str, object]:
+        """The style as the images file records it (read back by :meth:`from_attrs`)."""
+        return {
+            "max_count": self.max_count,
+            "shape_kinds": ",".join(self.kinds),
+            "max_rotation": self.rotation,
+            "primary_size_min": self.size[0],
+            "primary_size_max": self.size[1],
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> Style:
+        """The style an images file records; files written before styles existed hold the default one."""
+        d = cls()
+        kinds = str(attrs.get("shape_kinds", "") or ",".join(d.kinds))
+        return cls(
+            kinds=tuple(kinds.split(",")),
+            max_count=int(attrs.get("max_count", d.max_count)),
+            rotation=float(attrs.get("max_rotation", d.rotation)),
+            size=(
+                float(attrs.get("primary_size_min", d.size[0])),
+                float(attrs.get("primary_size_max", d.size[1])),
+            ),
+        )
+
+
+DEFAULT_STYLE = Style()
+
+
+@dataclass(frozen=True)
 class Shape:
     """One shape: ``size`` (circumscribed diameter), ``x``, ``y`` as fractions of the image side."""
 
@@ -86,25 +144,27 @@ class Scene:
         }
 
 
-def sample_scene(seed: int, split: str, index: int, max_count: int = 3) -> Scene:
-    """Draw the scene of image ``index`` of ``split``; a pure function of its arguments."""
+def sample_scene(seed: int, split: str, index: int, style: Style = DEFAULT_STYLE) -> Scene:
+    """Draw the scene of image ``index`` of ``split`` in ``style``; a pure function of its arguments."""
     rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
+    max_count = style.max_count
     count = 1 if max_count == 1 or rng.random() < 0.5 else int(rng.integers(2, max_count + 1))
     background = int(rng.integers(len(BACKGROUNDS)))
+    kinds = [KINDS.index(k) for k in style.kinds]
     shapes = []
     for k in range(count):
         primary = k == count - 1
-        low, high = PRIMARY_SIZE if primary else DISTRACTOR_SIZE
+        low, high = style.size if primary else DISTRACTOR_SIZE
         size = float(rng.uniform(low, high))
         margin = size / 2 if primary else 0.0  # the primary shape stays fully inside the image
         shapes.append(
             Shape(
-                kind=int(rng.integers(len(KINDS))),
+                kind=kinds[int(rng.integers(len(kinds)))],
                 colour=int(rng.integers(len(COLOURS))),
                 size=size,
                 x=float(rng.uniform(margin, 1 - margin)),
                 y=float(rng.uniform(margin, 1 - margin)),
-                rotation=float(rng.uniform(0.0, 360.0)),
+                rotation=float(rng.uniform(0.0, 360.0)) * (style.rotation / 360.0),
             )
         )
     return Scene(background=background, shapes=tuple(shapes))
@@ -178,18 +238,10 @@ class ShapesSource(ImageSource):
     }
 
     def __init__(self, split: str = "train", num_images: int = 1000, seed: int = 0, size: int = 64,
-                 max_count: int = 3):  # fmt: skip
-        if num_images < 0 or size < 1 or max_count < 1:
-            raise ValueError(
-                f"invalid shapes settings: num_images={num_images}, size={size}, max_count={max_count}"
-            )
-        self.split, self.num_images, self.seed, self.size, self.max_count = (
-            split,
-            num_images,
-            seed,
-            size,
-            max_count,
-        )
+                 style: Style = DEFAULT_STYLE):  # fmt: skip
+        if num_images < 0 or size < 1:
+            raise ValueError(f"invalid shapes settings: num_images={num_images}, size={size}")
+        self.split, self.num_images, self.seed, self.size, self.style = split, num_images, seed, size, style
         self.name = "shapes"
 
     def __len__(self) -> int:
@@ -198,7 +250,7 @@ class ShapesSource(ImageSource):
     def scene(self, i: int) -> Scene:
         if not 0 <= i < self.num_images:
             raise IndexError(f"shapes index {i} out of range [0, {self.num_images})")
-        return sample_scene(self.seed, self.split, i, self.max_count)
+        return sample_scene(self.seed, self.split, i, self.style)
 
     def key(self, i: int) -> str:
         return f"shapes/{self.split}/{i:07d}"
@@ -213,4 +265,4 @@ class ShapesSource(ImageSource):
         return self.scene(i).factors()
 
     def attrs(self) -> dict[str, object]:
-        return {"seed": self.seed, "native_size": self.size, "max_count": self.max_count}
+        return {"seed": self.seed, "native_size": self.size, **self.style.attrs()}

@@ -329,6 +329,17 @@ def original_finder(attrs: dict[str, Any], image_root: str | Path | None) -> Cal
     return nowhere
 
 
+def _recorded_options(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The dataset settings an images file records: the shapes style (the default one for older files)."""
+    if attrs.get("dataset") != "shapes":
+        return {}
+    from dataclasses import asdict
+
+    from rcdm.shapes import Style
+
+    return asdict(Style.from_attrs(attrs))
+
+
 def _dataset_finder(attrs: dict[str, Any]) -> Callable[[str], Image.Image]:
     """Originals of a registered dataset, regenerated from the settings the images file records."""
     from rcdm.data import open_dataset
@@ -340,6 +351,7 @@ def _dataset_finder(attrs: dict[str, Any]) -> Callable[[str], Image.Image]:
         None if requested < 0 else requested,
         int(attrs.get("selection_seed", 0)),
         int(attrs.get("native_size", 64)),
+        options=_recorded_options(attrs),
     )
     keys = {source.key(i): i for i in range(len(source))}
 

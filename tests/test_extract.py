@@ -1,6 +1,7 @@
 """rcdm extract / merge-extract on tiny data: contents, mirrored features, bad files, shards, reruns."""
 
 import os
+import re
 from pathlib import Path
 
 import h5py
@@ -496,3 +497,28 @@ def test_a_deleted_finished_shard_is_linked_back_from_its_kept_copy(tmp_path):
     one = _job(source, tmp_path / "one", image_size=8, num_shards=1)
     run_extraction(one, progress=False, keep_finished=keep)  # one shard: nothing to restore, nothing kept
     assert not finished.kept_path(tmp_path / "one" / "img.h5", keep).exists()
+
+
+def test_cli_shapes_style_is_drawn_recorded_and_guards_the_file(tmp_path, capsys):
+    """`--shapes-*` draw the style asked for and record it; a rerun in another style is refused (the file
+    holds other images), and a bad style or a style for another dataset fails as one line, writing nothing."""
+    out = tmp_path / "images.h5"
+    base = ["extract", "--dataset", "shapes", "--split", "val", "--num-images", "12", "--image-size", "16",
+            "--images-out", str(out), "--workers", "0", "--no-progress"]  # fmt: skip
+    style = ["--shapes-kinds", "square", "cross", "--shapes-max-count", "1", "--shapes-rotation", "0"]
+    assert cli_main([*base, *style]) == 0
+    with h5py.File(out, "r") as f:
+        assert f.attrs["shape_kinds"] == "square,cross" and f.attrs["max_count"] == 1
+        assert f.attrs["max_rotation"] == 0.0 and f.attrs["primary_size_min"] == 0.3
+        assert {KINDS[k] for k in f["factors/kind"][:]} == {"square", "cross"}
+        assert set(f["factors/rotation"][:]) == {0.0} and set(f["factors/count"][:]) == {1}
+    with pytest.raises(SystemExit, match="exists with other settings .*shape_kinds"):
+        cli_main(base)  # the default style: other images than the file holds
+    for bad, message in (
+        ([*base[:-5], "--images-out", str(tmp_path / "b.h5"), "--shapes-kinds", "blob"], "kinds ['blob']"),
+        (["extract", "--dataset", "photos", "--image-size", "16", "--images-out", str(tmp_path / "c.h5"),
+          "--shapes-rotation", "0"], "--shapes-rotation set the shapes style; --dataset photos is not"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            cli_main(bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images.h5"]

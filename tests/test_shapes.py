@@ -9,11 +9,13 @@ from rcdm.data import open_dataset
 from rcdm.shapes import (
     BACKGROUNDS,
     COLOURS,
+    DEFAULT_STYLE,
     KINDS,
     PRIMARY_SIZE,
     Scene,
     Shape,
     ShapesSource,
+    Style,
     render_scene,
     sample_scene,
 )
@@ -109,3 +111,78 @@ def test_open_dataset_shapes_and_scene_function():
     assert sample_scene(5, "val", 3).factors() == src.factors(3)
     with pytest.raises(IndexError):
         src.factors(12)
+
+
+# ------------------------------------------------------------------------------------------------ style
+def test_default_style_draws_the_images_it_always_drew():
+    """Golden: the factors the generator gave before styles existed (the default style keeps every draw)."""
+    assert sample_scene(7, "val", 11).factors() == {
+        "kind": 4, "colour": 2, "size": 0.3916146484399579, "x": 0.5367762054586122, "y": 0.6474490029199732,
+        "rotation": 57.33849776522645, "background": 0, "count": 1,
+    }  # fmt: skip
+    assert sample_scene(7, "val", 11, Style()) == sample_scene(7, "val", 11, DEFAULT_STYLE)
+
+
+def test_a_style_draws_only_its_kinds_counts_rotations_and_sizes():
+    style = Style(kinds=("circle", "square", "cross"), max_count=1, rotation=0, size=(0.5, 0.8))
+    src = ShapesSource("train", 300, seed=0, size=32, style=style)
+    f = [src.factors(i) for i in range(len(src))]
+    assert {d["kind"] for d in f} == {KINDS.index(k) for k in style.kinds}
+    assert {d["count"] for d in f} == {1} and {d["rotation"] for d in f} == {0.0}
+    assert all(0.5 <= d["size"] <= 0.8 for d in f)
+    # upright: an upright square fills its bounding box, so the colour reaches the corner of its circumscribed
+    # square's inscribed box (half diagonal 0.35 of the diameter from the centre along both axes)
+    squares = [i for i, d in enumerate(f) if d["kind"] == KINDS.index("square")][:10]
+    for i in squares:
+        d, arr = f[i], np.asarray(ShapesSource("train", 300, seed=0, size=128, style=style).load(i))
+        off = 0.3 * d["size"] * 128
+        for sx in (-1, 1):
+            for sy in (-1, 1):
+                px = arr[int(d["y"] * 128 + sy * off), int(d["x"] * 128 + sx * off)]
+                assert tuple(px) == list(COLOURS.values())[d["colour"]], (i, sx, sy)
+    # the rotation range scales every draw: half the range halves each rotation, the rest unchanged
+    half = ShapesSource("train", 20, seed=0, size=16, style=Style(rotation=180))
+    full = ShapesSource("train", 20, seed=0, size=16)
+    for i in range(20):
+        a, b = half.factors(i), full.factors(i)
+        assert a["rotation"] == pytest.approx(b["rotation"] / 2) and {**a, "rotation": 0} == {
+            **b,
+            "rotation": 0,
+        }
+
+
+def test_style_is_recorded_and_read_back():
+    style = Style(kinds=("triangle", "cross"), max_count=2, rotation=45.0, size=(0.4, 0.9))
+    src = ShapesSource("val", 4, seed=1, size=16, style=style)
+    attrs = src.attrs()
+    assert attrs["shape_kinds"] == "triangle,cross" and attrs["max_rotation"] == 45.0
+    assert Style.from_attrs(attrs) == style
+    assert Style.from_attrs({"seed": 0, "native_size": 64, "max_count": 3}) == DEFAULT_STYLE  # an older file
+    options = {"kinds": ["triangle", "cross"], "max_count": 2, "rotation": 45.0, "size": [0.4, 0.9]}
+    via_registry = open_dataset("shapes", "val", 4, 1, 16, options=options)
+    assert [via_registry.factors(i) for i in range(4)] == [src.factors(i) for i in range(4)]
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"kinds": ("circle", "blob")}, "kinds"),
+        ({"kinds": ()}, "kinds"),
+        ({"kinds": ("circle", "circle")}, "kinds"),
+        ({"max_count": 0}, "max_count 0"),
+        ({"rotation": 400}, "rotation 400"),
+        ({"size": (0.8, 0.5)}, "size"),
+        ({"size": (0.0, 0.5)}, "size"),
+    ],
+)
+def test_a_bad_style_is_refused_naming_the_field(fields, named):
+    with pytest.raises(ValueError, match=named):
+        Style(**fields)
+
+
+def test_only_shapes_take_style_options(tmp_path):
+    with pytest.raises(ValueError, match="photos dataset has no settings max_count"):
+        open_dataset("photos", options={"max_count": 1})
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="is a folder: it has no settings kinds"):
+        open_dataset(str(tmp_path), options={"kinds": ["circle"]})

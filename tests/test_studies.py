@@ -680,7 +680,7 @@ def test_encoder_crops_come_from_the_originals_or_fail(assets, tmp_path):
     --allow-upsampled-crops, which the CSV then records."""
     from rcdm.data import decode_image
     from rcdm.preprocess import center_crop_arr
-    from rcdm.shapes import ShapesSource
+    from rcdm.shapes import KINDS, ShapesSource, Style
     from rcdm.study_images import SourceImageError
 
     folder = tmp_path / "photos"
@@ -745,6 +745,24 @@ def test_encoder_crops_come_from_the_originals_or_fail(assets, tmp_path):
         for i, j in enumerate(src.indices)
     )
     assert not src.any_upsampled
+
+    # in the style the file records (kinds, count, rotation, size), not the default one
+    styled = tmp_path / "styled"
+    styled.mkdir()
+    style = ["--shapes-kinds", "cross", "triangle", "--shapes-max-count", "1", "--shapes-rotation", "0",
+             "--shapes-size", "0.5", "0.9"]  # fmt: skip
+    files = _extract(
+        assets, styled, "shapes", "--num-images", "5", "--native-size", "32", "--seed", "3", *style
+    )
+    src = common.load_sources(_source_args(files["images"], files["trunk"], num_images=3), SIZE, 32)
+    regenerated = ShapesSource(
+        "val", 5, seed=3, size=32, style=Style(("cross", "triangle"), 1, 0.0, (0.5, 0.9))
+    )
+    assert all(
+        np.array_equal(src.enc[i], center_crop_arr(regenerated.load(j), 32))
+        for i, j in enumerate(src.indices)
+    )
+    assert {KINDS[k] for k in src.factors["kind"]} <= {"cross", "triangle"}
 
 
 def _source_args(images, features, **kw):

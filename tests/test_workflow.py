@@ -93,6 +93,9 @@ def write_config(tmp_path: Path, base: str, name: str = "config.yaml", **changes
         ({"encoders.mine": {"source": "custom", "file": "m.pt"}}, "['encoders']['mine']['factory']"),
         ({"encoders.mine": {"source": "custom", "factory": "m.py", "file": "m.pt"}}, "['encoders']['mine']"),
         ({"encoders.mocov3": {"source": "published"}}, "['encoders']['mocov3']['source']"),  # not registered
+        ({"data.shapes": {"kinds": ["circle", "blob"]}}, "blob"),  # not a shapes kind
+        ({"data.shapes": {"size": [0.5]}}, "['data']['shapes']['size']"),
+        ({"data.shapes": {"rotation": 720}}, "720"),
     ],
 )
 def test_bad_config_is_an_error_naming_the_key(tmp_path, change, named):
@@ -141,6 +144,26 @@ def test_schema_fills_defaults(tmp_path):
     assert counts["extract_images"] == 2
     assert counts["sample"] == 1 and counts["merge_samples"] == 1
     assert counts["evaluate"] == 1
+
+
+def test_shapes_style_reaches_extraction_and_only_where_it_differs(tmp_path):
+    """data.shapes becomes `rcdm extract --shapes-*` for every shapes set (not the photos): only the settings
+    that differ from the default style: a config that spells out a default keeps its commands (no rerun)."""
+    style = {"kinds": ["circle", "cross"], "max_count": 1, "rotation": 360, "size": [0.3, 0.7]}
+    cfg = write_config(tmp_path, "config.yaml", **{"data.shapes": style})
+    proc = snakemake("-n", "-p", "--configfile", str(cfg), "--until", "merge_images", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cmds = re.findall(r"^Shell command: (rcdm extract .*--images-out.*)$", proc.stdout, re.M)
+    shapes = [c for c in cmds if "--dataset shapes" in c]
+    assert len(shapes) == 2 and len(cmds) == 3  # train, val; photos
+    assert all("--shapes-kinds circle cross --shapes-max-count 1 " in c for c in shapes)
+    assert not any("--shapes-rotation" in c or "--shapes-size" in c for c in cmds)
+    assert not any("--shapes-" in c for c in cmds if "--dataset photos" in c)
+    default = write_config(
+        tmp_path, "micro.yaml", "d.yaml", **{"data.shapes": {"max_count": 3, "rotation": 360}}
+    )
+    proc = snakemake("-n", "-p", "--configfile", str(default), "--until", "merge_images", cwd=tmp_path)
+    assert proc.returncode == 0 and "--shapes-" not in proc.stdout
 
 
 def test_every_stage_is_a_rule_and_its_resources_key(tmp_path):

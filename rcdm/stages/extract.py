@@ -46,6 +46,8 @@ IDENTITY_KEYS = (
     "shard", "num_shards", "shard_start", "shard_stop", "image_size",
     "encoder", "layer", "encoder_sha256", "dtype", "precision", "input_norm_requested",
     "input_size_requested",
+    # a generated set's drawing: shapes' rendering resolution and style (files of other sources lack them)
+    "native_size", "max_count", "shape_kinds", "max_rotation", "primary_size_min", "primary_size_max",
 )  # fmt: skip
 #: the encoder's compute precision: fp32 (default, as published) or bf16 autocast (opt-in)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -587,6 +589,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-images", type=int, help="shapes: split size; others: a seeded random subset")
     g.add_argument("--seed", type=int, default=0, help="shapes generation seed / subset seed")
     g.add_argument("--native-size", type=int, default=64, help="shapes: rendering resolution")
+    g.add_argument("--shapes-kinds", nargs="+", metavar="KIND", help="shapes: the kinds drawn (default all)")
+    g.add_argument("--shapes-max-count", type=int, help="shapes: most shapes in an image (default 3)")
+    g.add_argument(
+        "--shapes-rotation", type=float, help="shapes: largest rotation, degrees (default 360; 0 upright)"
+    )
+    g.add_argument(
+        "--shapes-size", type=float, nargs=2, metavar=("MIN", "MAX"),
+        help="shapes: primary shape diameter range, fractions of the side (default 0.3 0.7)",
+    )  # fmt: skip
     g.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES, default="skip")
     o = parser.add_argument_group("outputs")
     o.add_argument("--image-size", type=int, help="model resolution S of the stored crops")
@@ -655,13 +666,39 @@ def _check(args: argparse.Namespace, job: ExtractJob, factory: Callable[[list[st
     return check_passed("extract", f"{args.dataset} ({len(job.source)} images; {shard}){encoder}")
 
 
+def dataset_options(args: argparse.Namespace) -> dict:
+    """The ``--shapes-*`` options given, as :class:`rcdm.shapes.Style` fields (empty: the default style)."""
+    given = {
+        "kinds": args.shapes_kinds,
+        "max_count": args.shapes_max_count,
+        "rotation": args.shapes_rotation,
+        "size": args.shapes_size,
+    }
+    options = {k: v for k, v in given.items() if v is not None}
+    if options and args.dataset != "shapes":
+        flags = ", ".join("--shapes-" + k.replace("_", "-") for k in options)
+        raise SystemExit(
+            f"rcdm extract: {flags} set the shapes style; --dataset {args.dataset} is not shapes"
+        )
+    if options:
+        from rcdm.shapes import Style
+
+        try:
+            Style(**options)
+        except ValueError as err:
+            raise SystemExit(f"rcdm extract: {err}") from None
+    return options
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _deprecated_spellings(args)
     features_out = _parse_features_out(args.features_out, args.layers)
     if features_out and not args.encoder:
         raise SystemExit("rcdm extract: --features-out needs --encoder (and usually --encoder-checkpoint)")
-    source = open_dataset_input(args.dataset, args.split, args.num_images, args.seed, args.native_size)
+    source = open_dataset_input(
+        args.dataset, args.split, args.num_images, args.seed, args.native_size, options=dataset_options(args)
+    )
     sha = ""
     if features_out and args.encoder_checkpoint is not None:
         with reading(args.encoder_checkpoint, fix=REFETCH):

@@ -95,7 +95,30 @@ def dataset_args(name: str) -> str:
     spec = DATASETS[name]
     source = spec["path"] if spec["source"] == "folder" else spec["source"]
     args = ["--dataset", source, "--split", spec["split"] or name, "--seed", str(spec["seed"])]
-    return shlex.join(args + (["--num-images", str(spec["num_images"])] if spec.get("num_images") else []))
+    args += ["--num-images", str(spec["num_images"])] if spec.get("num_images") else []
+    return shlex.join(args + (shapes_style_args() if source == "shapes" else []))
+
+
+def shapes_style_args() -> list[str]:
+    """`--shapes-*` options for data.shapes: only the settings that differ from the default style, so that a
+    configuration which leaves them out (or spells out a default) keeps its commands, and its files."""
+    from rcdm.shapes import Style
+
+    style, default = config["data"].get("shapes") or {}, Style()
+    try:
+        Style(**style)
+    except ValueError as err:
+        raise WorkflowError(f"data.shapes: {err}") from None
+    args = []
+    if "kinds" in style and tuple(style["kinds"]) != default.kinds:
+        args += ["--shapes-kinds", *style["kinds"]]
+    if style.get("max_count", default.max_count) != default.max_count:
+        args += ["--shapes-max-count", str(style["max_count"])]
+    if float(style.get("rotation", default.rotation)) != default.rotation:
+        args += ["--shapes-rotation", str(style["rotation"])]
+    if "size" in style and tuple(map(float, style["size"])) != default.size:
+        args += ["--shapes-size", *map(str, style["size"])]
+    return args
 
 
 def extract_shards(dataset: str) -> int:
