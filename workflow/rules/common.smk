@@ -102,22 +102,20 @@ def dataset_args(name: str) -> str:
 def shapes_style_args() -> list[str]:
     """`--shapes-*` options for data.shapes: only the settings that differ from the default style, so that a
     configuration which leaves them out (or spells out a default) keeps its commands, and its files."""
+    from dataclasses import asdict
+
     from rcdm.shapes import Style
 
-    style, default = config["data"].get("shapes") or {}, Style()
     try:
-        Style(**style)
+        chosen = asdict(Style(**(config["data"].get("shapes") or {})))
     except ValueError as err:
         raise WorkflowError(f"data.shapes: {err}") from None
     args = []
-    if "kinds" in style and tuple(style["kinds"]) != default.kinds:
-        args += ["--shapes-kinds", *style["kinds"]]
-    if style.get("max_count", default.max_count) != default.max_count:
-        args += ["--shapes-max-count", str(style["max_count"])]
-    if float(style.get("rotation", default.rotation)) != default.rotation:
-        args += ["--shapes-rotation", str(style["rotation"])]
-    if "size" in style and tuple(map(float, style["size"])) != default.size:
-        args += ["--shapes-size", *map(str, style["size"])]
+    for key, value in chosen.items():
+        if value != asdict(Style())[key]:
+            values = value if isinstance(value, tuple) else (value,)
+            flag = key.replace("_", "-")
+            args += [f"--shapes-{flag}", *map(str, values)]
     return args
 
 
