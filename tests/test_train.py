@@ -180,6 +180,25 @@ def test_resume_is_exact_and_exports_load(tmp_path, pair):
     assert Trainer(make_cfg(tmp_path / "b", img, feat)).train() == 0
 
 
+def test_exports_follow_their_own_interval_not_the_checkpoints(tmp_path, pair):
+    img, feat, _, _ = pair
+    cfg = make_cfg(tmp_path, img, feat, steps=9, save_interval=4, export_interval=3, ema_rates=[0.99])
+    trainer = Trainer(cfg)
+    assert trainer.train() == 0
+    out = tmp_path / "run"
+    tags = sorted(p.name for p in out.glob("model_*.pt"))
+    assert tags == ["model_000003.pt", "model_000006.pt", "model_000009.pt", "model_final.pt"]
+    assert sorted(p.name for p in trainer.ckpt_dir.glob("ckpt_*.pt")) == [
+        "ckpt_000004.pt", "ckpt_000008.pt", "ckpt_000009.pt"]  # fmt: skip
+    # the step-9 export is the final weights; the step-3 one is not
+    last, first = (torch.load(out / f"ema_0.99_{t}.pt", weights_only=True) for t in ("000009", "000003"))
+    final = torch.load(out / "ema_0.99_final.pt", weights_only=True)
+    assert all(torch.equal(last[k], v) for k, v in final.items())
+    assert not all(torch.equal(first[k], v) for k, v in final.items())
+    with pytest.raises(TrainConfigError, match="--export-interval must be >= 0"):
+        Trainer(make_cfg(tmp_path / "bad", img, feat, export_interval=-1))
+
+
 def test_microbatches_equal_full_batch(tmp_path, pair):
     img, feat, _, _ = pair
     kw = dict(steps=2, save_interval=100, model_flags={**FLAGS, "dropout": 0.0})

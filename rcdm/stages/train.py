@@ -471,6 +471,8 @@ class Trainer:
             problems.append("give --steps N > 0 (training runs fixed steps; workflow: train.steps)")
         if cfg.time_budget < 0:
             problems.append("--time-budget must be >= 0 (0: no cap)")
+        if cfg.export_interval < 0:
+            problems.append("--export-interval must be >= 0 (0: only the final exports)")
         for name in ("save_interval", "log_interval", "keep"):
             if getattr(cfg, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1")
@@ -758,7 +760,7 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
-        """Write a resumable checkpoint and the plain exports of this step (rank 0); keep the last K."""
+        """Write a resumable checkpoint of this step (rank 0); keep the last K."""
         self.check_finite()
         rngs = [rng_state()]
         if self.ctx.distributed:
@@ -770,14 +772,19 @@ class Trainer:
             path = ckpt_dir / f"ckpt_{self.step:06d}.pt"
             with atomic_path(path) as tmp:
                 torch.save(self.checkpoint_state(rngs), tmp)
-            if self.cfg.export_interval and self.step % self.cfg.export_interval == 0:
-                self.export(f"{self.step:06d}")
             # prune among checkpoints up to this step: a stray newer file (e.g. corrupt) never evicts ours
             mine = [p for p in list_checkpoints(ckpt_dir) if checkpoint_step(p) <= self.step]
             for old in mine[self.cfg.keep :]:
                 old.unlink(missing_ok=True)
         barrier(self.ctx)
         return path
+
+    def export_step(self) -> None:
+        """The ``--export-interval`` exports of this step (rank 0), on their own schedule."""
+        self.check_finite()
+        if self.ctx.is_main:
+            self.export(f"{self.step:06d}")
+        barrier(self.ctx)
 
     def export(self, tag: str) -> list[Path]:
         """``model_<tag>.pt`` and ``ema_<rate>_<tag>.pt``: plain state dicts loadable by any RCDM loader."""
@@ -928,6 +935,8 @@ class Trainer:
                     last_bar = self.step
                 if self.step % cfg.save_interval == 0 or finished:
                     self.save()
+                if cfg.export_interval and self.step % cfg.export_interval == 0:
+                    self.export_step()
                 if stop:
                     break
         finally:

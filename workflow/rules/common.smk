@@ -110,9 +110,10 @@ def shapes_style_args() -> list[str]:
         chosen = asdict(Style(**(config["data"].get("shapes") or {})))
     except ValueError as err:
         raise WorkflowError(f"data.shapes: {err}") from None
+    default = asdict(Style())
     args = []
     for key, value in chosen.items():
-        if value != asdict(Style())[key]:
+        if value != default[key]:
             values = value if isinstance(value, tuple) else (value,)
             flag = key.replace("_", "-")
             args += [f"--shapes-{flag}", *map(str, values)]
