@@ -199,6 +199,28 @@ def test_exports_follow_their_own_interval_not_the_checkpoints(tmp_path, pair):
         Trainer(make_cfg(tmp_path / "bad", img, feat, export_interval=-1))
 
 
+def test_a_job_killed_while_saving_still_has_that_steps_export(tmp_path, pair, monkeypatch):
+    img, feat, _, _ = pair
+    kw = dict(steps=9, save_interval=3, export_interval=3, ema_rates=[0.99])
+    real_save = Trainer.save
+
+    def dies_at_step_6(self):
+        if self.step == 6:
+            raise KeyboardInterrupt("killed while writing the step-6 checkpoint")
+        return real_save(self)
+
+    monkeypatch.setattr(Trainer, "save", dies_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(make_cfg(tmp_path, img, feat, **kw)).train()
+    out = tmp_path / "run"
+    assert (out / "model_000006.pt").is_file()  # written before the checkpoint that never landed
+    monkeypatch.setattr(Trainer, "save", real_save)
+    again = Trainer(make_cfg(tmp_path, img, feat, **kw))
+    assert again.step == 3 and again.train() == 0
+    assert sorted(p.name for p in out.glob("model_0*.pt")) == [
+        "model_000003.pt", "model_000006.pt", "model_000009.pt"]  # fmt: skip
+
+
 def test_microbatches_equal_full_batch(tmp_path, pair):
     img, feat, _, _ = pair
     kw = dict(steps=2, save_interval=100, model_flags={**FLAGS, "dropout": 0.0})

@@ -933,10 +933,12 @@ class Trainer:
                     self._log(bar)
                     bar.update(self.step - last_bar)
                     last_bar = self.step
-                if self.step % cfg.save_interval == 0 or finished:
-                    self.save()
+                # export before the checkpoint: a job killed between the two resumes before this step and
+                # writes the export again, instead of resuming after it without one
                 if cfg.export_interval and self.step % cfg.export_interval == 0:
                     self.export_step()
+                if self.step % cfg.save_interval == 0 or finished:
+                    self.save()
                 if stop:
                     break
         finally:
